@@ -1,0 +1,41 @@
+# lorakit: `make demo` and `make test` work from a fresh clone (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= \# Keeper's Log — Gull Rock Light, Week 2
+
+.PHONY: venv demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first: the pinned CPU/CUDA build, so the range in pyproject.toml installs nothing else.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/lorakit models pull
+	$(BIN)/lorakit train recipes/quickstart.yaml --overwrite
+	$(BIN)/lorakit generate --adapter quickstart --compare --temperature 0 --max-new-tokens 80 "$(PROMPT)"
+
+# pytest exits 5 when it collected no tests: that is a failure, not a pass.
+test: venv
+	$(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests"; exit 1; fi; exit $$rc
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not e2e"
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: venv
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

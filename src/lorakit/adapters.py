@@ -1,0 +1,174 @@
+"""The adapter store: one folder per adapter, in plain PEFT format plus `lorakit.json`.
+
+Writes are atomic: an adapter is assembled in a hidden temporary folder in the store and
+renamed into place, so a failed or interrupted save never leaves a half-written adapter and
+never damages the previous adapter of that name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+from lorakit.recipe import check_name
+
+META_FILE = "lorakit.json"
+REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_dir(store: str | Path, name: str) -> Path:
+    """The folder of adapter `name`, guaranteed to lie directly inside the store."""
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise LorakitError(str(e)) from None
+    root = Path(store).resolve()
+    path = root / name
+    if path.is_symlink() or path.resolve().parent != root:
+        raise LorakitError(f"adapter {name!r} resolves outside the store {root}; refusing to use it")
+    return path
+
+
+def exists(store: str | Path, name: str) -> bool:
+    return (adapter_dir(store, name) / META_FILE).exists() or (adapter_dir(store, name) / REQUIRED[0]).exists()
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_adapter(model, store: str | Path, name: str, meta: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write `model` (a PeftModel) as adapter `name`; replace an existing one only with `overwrite`."""
+    final = adapter_dir(store, name)
+    if exists(store, name) and not overwrite:
+        raise LorakitError(f"adapter {name!r} already exists in {final.parent}; use --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    old = final.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(name, meta))
+        _fsync_tree(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as e:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise LorakitError(f"could not write adapter {name!r} to {final.parent}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_meta(store: str | Path, name: str) -> dict[str, Any]:
+    path = adapter_dir(store, name)
+    if not path.is_dir():
+        known = ", ".join(a["name"] for a in list_adapters(store)) or "none"
+        raise LorakitError(f"no adapter {name!r} in {Path(store).resolve()} (adapters: {known})")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise LorakitError(f"adapter {name!r} is incomplete: missing {', '.join(missing)}")
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        return {"name": name, "imported": True}
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LorakitError(f"{meta_file}: unreadable ({e.msg} at line {e.lineno})") from None
+
+
+def list_adapters(store: str | Path) -> list[dict[str, Any]]:
+    root = Path(store)
+    if not root.is_dir():
+        return []
+    rows = []
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not d.is_dir() or not (d / REQUIRED[0]).is_file():
+            continue
+        try:
+            meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
+        except json.JSONDecodeError:
+            meta = {}
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        rows.append(
+            {
+                "name": d.name,
+                "base_model": meta.get("base_model", {}).get("reference", "?"),
+                "method": meta.get("method", "imported"),
+                "r": meta.get("recipe", {}).get("lora", {}).get("r"),
+                "size": size,
+                "created": meta.get("created", ""),
+                "eval_loss": meta.get("metrics", {}).get("eval_loss_after"),
+            }
+        )
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def model_card(name: str, meta: dict[str, Any]) -> str:
+    recipe = meta.get("recipe", {})
+    lora = recipe.get("lora", {})
+    base = meta.get("base_model", {})
+    metrics = meta.get("metrics", {})
+    mix = meta.get("data", {}).get("sources", [])
+    lines = [
+        f"# {name}",
+        "",
+        f"A {meta.get('method', 'LoRA')} adapter for `{base.get('reference')}`, trained with lorakit "
+        f"{meta.get('versions', {}).get('lorakit', '')}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{base.get('reference')}` ({base.get('architecture')}) |",
+        f"| base weights | `{base.get('fingerprint')}` |",
+        f"| rank / alpha | {lora.get('r')} / {meta.get('lora_alpha')} |",
+        f"| target modules | {', '.join(meta.get('target_modules', []))} |",
+        f"| trainable parameters | {meta.get('trainable_params', '?'):,} |",
+        f"| steps / tokens | {metrics.get('steps')} / {metrics.get('train_tokens_seen')} |",
+        f"| eval loss before → after | {_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss_after'))} |",
+        f"| seed | {meta.get('seed')} |",
+        "",
+        "## Data",
+        "",
+        "| source | format | weight | share of training tokens |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{s['path']}` | {s['format']} | {s['weight']} | {s.get('share', 0):.1%} |" for s in mix]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f'lorakit generate --adapter {name} "Your prompt"',
+        "```",
+        "",
+        "With plain PEFT:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "base = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)",
+        f'model = PeftModel.from_pretrained(base, "adapters/{name}")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

