@@ -106,8 +106,17 @@ def tiny_recipe(model_dir: Path, data_path: Path, **sections) -> dict:
     recipe = {
         "base_model": {"name": str(model_dir)},
         "lora": {"r": 4},
-        "data": {"sources": [{"path": str(data_path), "format": "text", "split": "paragraph"}], "block_size": 64},
-        "train": {"max_steps": 6, "learning_rate": 5e-3, "batch_size": 2, "logging_every": 1, "precision": "fp32"},
+        "data": {
+            "sources": [{"path": str(data_path), "format": "text", "split": "paragraph"}],
+            "block_size": 64,
+        },
+        "train": {
+            "max_steps": 6,
+            "learning_rate": 5e-3,
+            "batch_size": 2,
+            "logging_every": 1,
+            "precision": "fp32",
+        },
         "output": {"name": "tiny"},
     }
     for key, value in sections.items():

@@ -193,11 +193,6 @@ def test_cross_field_problems(sections, needle):
     assert needle in problems[""]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recipe.py _problems: the message of a custom validator already ends with the value, and "
-    "_problems appends ', got X' again ('... got 0.9, got 0.9')",
-)
 @pytest.mark.parametrize(
     ("section", "key", "value", "shown"),
     [("data", "eval_split", 0.9, "got 0.9"), ("output", "name", "../x", "'../x'")],
@@ -209,13 +204,6 @@ def test_value_is_shown_once_in_a_problem(section, key, value, shown):
     assert msg.count(shown) == 1, msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="recipe.py _problems drops every loc part named 'str'/'float' or containing '[' (meant for "
-    "pydantic union tags), so a user key with such a name crashes with IndexError at top level "
-    "or is reported at the parent's path",
-)
 @pytest.mark.parametrize(
     ("raw", "key"),
     [
@@ -264,9 +252,7 @@ def test_python_tags_are_rejected_not_executed(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    ("text", "kind"), [("- a\n- b\n", "list"), ("just a string\n", "str"), ("3\n", "int")]
-)
+@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("just a string\n", "str"), ("3\n", "int")])
 def test_top_level_must_be_a_mapping(tmp_path, text, kind):
     path = tmp_path / "list.yaml"
     path.write_text(text)
@@ -340,16 +326,9 @@ def test_override_with_invalid_value(tmp_path, override, key, needle):
 
 def test_override_inside_a_scalar(tmp_path):
     path = write_recipe(tmp_path, {**MINIMAL, "lora": {"r": 4}})
-    assert load_problems(path, ["lora.r.x=1"]) == [
-        ("lora.r.x", "cannot set a key inside a non-mapping value")
-    ]
+    assert load_problems(path, ["lora.r.x=1"]) == [("lora.r.x", "cannot set a key inside a non-mapping value")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recipe.py parse_override/read_yaml: PyYAML reads '5e-2' (no dot) as a string, and the "
-    "float | str union of data.eval_split keeps it as a *path* '.../5e-2' instead of the fraction 0.05",
-)
 def test_eval_split_in_exponent_notation_is_a_fraction(tmp_path):
     r = load_recipe(write_recipe(tmp_path, MINIMAL), ["data.eval_split=5e-2"])
     assert r.data.eval_split == 0.05
@@ -373,9 +352,7 @@ def test_good_adapter_names_accepted(tmp_path, name):
 @pytest.mark.parametrize("stem", ["bad name!", "-dash", "x" * 70])
 def test_file_stem_that_is_no_adapter_name(tmp_path, stem):
     path = write_recipe(tmp_path, MINIMAL, f"{stem}.yaml")
-    assert load_problems(path) == [
-        ("output.name", "the file name is not a valid adapter name; set output.name")
-    ]
+    assert load_problems(path) == [("output.name", "the file name is not a valid adapter name; set output.name")]
     # ...and setting output.name fixes it
     assert load_recipe(path, ["output.name=fine"]).adapter_name == "fine"
 
@@ -454,11 +431,6 @@ def test_json_schema_validates_a_good_recipe_and_rejects_a_typo():
         jsonschema.validate({**good, "lora": {"rr": 8}}, schema)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recipe.py recipe_json_schema: base_model is only a $ref to the section object, so the "
-    "documented string shorthand (used by recipes/quickstart.yaml) is flagged by schema-aware editors",
-)
 def test_json_schema_accepts_base_model_shorthand():
     schema = recipe_json_schema()
     assert "string" in _accepted_types(schema, schema["properties"]["base_model"])
@@ -487,11 +459,6 @@ def test_reference_lists_every_field():
     assert "`required`" in row["data.sources[].path"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recipe.py reference_markdown: types such as `str | None` put an unescaped '|' in a table "
-    "cell, which splits the row into extra columns in GitHub markdown",
-)
 def test_reference_rows_have_four_cells():
     for line in reference_markdown().splitlines():
         cells = line.replace("\\|", "").strip("|").split("|")

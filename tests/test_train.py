@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, read_meta, tiny_recipe
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from conftest import RECIPES, read_meta, tiny_recipe
 from lorakit import generate, models
 from lorakit.errors import LorakitError
 from lorakit.recipe import validate_recipe
@@ -21,7 +21,11 @@ TIDES = RECIPES / "data" / "tides.txt"
 
 def recipe_for(model_dir: Path, tmp_path: Path, **sections):
     body = tiny_recipe(model_dir, TIDES, **sections)
-    body["output"] = {**body["output"], "store": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs")}
+    body["output"] = {
+        **body["output"],
+        "store": str(tmp_path / "adapters"),
+        "runs_dir": str(tmp_path / "runs"),
+    }
     return validate_recipe(body, "test")
 
 
@@ -63,7 +67,15 @@ def test_metadata_describes_the_run(trained_llama, tiny_llama):
     meta = read_meta(tmp / "adapters", "tiny")
     assert meta["base_model"]["fingerprint"] == models.weights_fingerprint(models.resolve(str(tiny_llama)))
     assert meta["recipe"]["lora"]["r"] == 4 and meta["seed"] == 42
-    assert meta["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert meta["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     assert meta["method"] == "LoRA" and meta["versions"]["peft"]
     assert meta["data"]["content_hash"].startswith("sha256:")
     assert meta["metrics"]["eval_loss_after"] == result.metrics["eval_loss_after"]
@@ -153,7 +165,10 @@ def test_every_packed_document_ends_in_a_supervised_eos(tiny_llama, tmp_path):
 
 def test_qlora_trains_on_cpu(tiny_llama, tmp_path):
     r = recipe_for(
-        tiny_llama, tmp_path, base_model={"quantization": "4bit"}, train={"max_steps": 10, "learning_rate": 2e-2}
+        tiny_llama,
+        tmp_path,
+        base_model={"quantization": "4bit"},
+        train={"max_steps": 10, "learning_rate": 2e-2},
     )
     result = train(r)
     assert result.meta["method"] == "QLoRA"

@@ -121,7 +121,9 @@ def list_adapters(store: str | Path) -> list[dict[str, Any]]:
 
 
 def _fmt(x: Any) -> str:
-    return f"{x:.4f}" if isinstance(x, float) else str(x)
+    if isinstance(x, float):
+        return f"{x:.4f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
 
 
 def model_card(name: str, meta: dict[str, Any]) -> str:
@@ -142,9 +144,10 @@ def model_card(name: str, meta: dict[str, Any]) -> str:
         f"| base weights | `{base.get('fingerprint')}` |",
         f"| rank / alpha | {lora.get('r')} / {meta.get('lora_alpha')} |",
         f"| target modules | {', '.join(meta.get('target_modules', []))} |",
-        f"| trainable parameters | {meta.get('trainable_params', '?'):,} |",
+        f"| trainable parameters | {_fmt(meta.get('trainable_params', '?'))} |",
         f"| steps / tokens | {metrics.get('steps')} / {metrics.get('train_tokens_seen')} |",
-        f"| eval loss before → after | {_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss_after'))} |",
+        f"| eval loss before → after | {_fmt(metrics.get('eval_loss_before'))} → "
+        f"{_fmt(metrics.get('eval_loss_after'))} |",
         f"| seed | {meta.get('seed')} |",
         "",
         "## Data",

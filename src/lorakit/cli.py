@@ -106,14 +106,16 @@ class TrainDisplay:
 @user_errors
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.learning_rate=1e-4")] = [],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set train.learning_rate=1e-4")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter of the same name.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in runs/<name>/.")] = False,
 ):
     """Train a LoRA/QLoRA adapter from a recipe."""
     from lorakit.recipe import load_recipe
 
-    r = load_recipe(recipe, set_)
+    r = load_recipe(recipe, set_ or [])
     quiet_libraries()
     from lorakit import train as train_mod
 
@@ -187,7 +189,9 @@ def models_list():
 
     table = Table("name", "cached", "size", "description", "path")
     for row in list_embedded():
-        table.add_row(row["name"], "yes" if row["cached"] else "no", _size(row["size"]), row["description"], row["path"])
+        table.add_row(
+            row["name"], "yes" if row["cached"] else "no", _size(row["size"]), row["description"], row["path"]
+        )
     console.print(table)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from lorakit.recipe import DataSection, DataSource
 TEXT_SUFFIXES = {".txt", ".md"}
 TABLE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 IGNORE = -100
+MIN_DOCS_FOR_DOC_SPLIT = 5
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
@@ -58,7 +61,9 @@ def source_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | TABLE_SUFFIXES)
     if not files:
-        raise LorakitError(f"{path}: no data files in this folder (looked for {', '.join(sorted(TEXT_SUFFIXES | TABLE_SUFFIXES))})")
+        raise LorakitError(
+            f"{path}: no data files in this folder (looked for {', '.join(sorted(TEXT_SUFFIXES | TABLE_SUFFIXES))})"
+        )
     return files
 
 
@@ -78,7 +83,7 @@ def _split_text(text: str, split: str) -> list[str]:
     if split == "file":
         parts = [text]
     elif split == "paragraph":
-        parts = [p for p in text.replace("\r\n", "\n").split("\n\n")]
+        parts = re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n"))
     else:
         parts = text.splitlines()
     return [p.strip() for p in parts if p.strip()]
@@ -107,14 +112,13 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise LorakitError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+            raise LorakitError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
         return data
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            try:
-                return list(csv.DictReader(f))
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise LorakitError(f"{path}: cannot read CSV: {e}") from None
+        try:
+            return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+        except csv.Error as e:
+            raise LorakitError(f"{path}: cannot read CSV: {e}") from None
     import pyarrow.parquet as pq
 
     try:
@@ -129,6 +133,8 @@ def _field(row: dict, name: str, path: Path, index: int) -> Any:
             f"{path}: row {index + 1} has no field {name!r} (fields: {', '.join(map(str, row)) or 'none'}); "
             "set `field:` on this source"
         )
+    if row[name] is None:
+        raise LorakitError(f"{path}: row {index + 1}: field {name!r} is empty (null)")
     return row[name]
 
 
@@ -158,7 +164,12 @@ def _shape(rows: list[dict], src: DataSource, path: Path) -> list[dict[str, Any]
         if src.format == "text":
             out.append({"text": str(_field(row, src.field or "text", path, i))})
         elif src.format == "completion":
-            out.append({"prompt": str(_field(row, "prompt", path, i)), "completion": str(_field(row, "completion", path, i))})
+            out.append(
+                {
+                    "prompt": str(_field(row, "prompt", path, i)),
+                    "completion": str(_field(row, "completion", path, i)),
+                }
+            )
         elif src.format == "instruction":
             out.append(
                 {
@@ -169,7 +180,9 @@ def _shape(rows: list[dict], src: DataSource, path: Path) -> list[dict[str, Any]
             )
         else:
             msgs = _field(row, src.field or "messages", path, i)
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            if not isinstance(msgs, list) or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in msgs
+            ):
                 raise LorakitError(f"{path}: row {i + 1}: messages must be a list of {{role, content}} objects")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise LorakitError(f"{path}: row {i + 1} has no assistant message to learn from")
@@ -192,6 +205,8 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
 
 
 def tokenize_texts(tokenizer, texts: list[str]) -> list[Example]:
+    if not texts:
+        return []
     eos = tokenizer.eos_token_id
     batch = tokenizer(texts, add_special_tokens=True)["input_ids"]
     return [Example(ids + [eos], ids + [eos]) for ids in batch]
@@ -247,7 +262,9 @@ def format_records(tokenizer, records: list[dict], fmt: str) -> list[Example]:
     if fmt == "instruction":
         if tokenizer.chat_template:
             return [tokenize_chat(tokenizer, instruction_messages(r)) for r in records]
-        return [tokenize_completion(tokenizer, alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in records]
+        return [
+            tokenize_completion(tokenizer, alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in records
+        ]
     return [tokenize_chat(tokenizer, r["messages"]) for r in records]
 
 
@@ -281,19 +298,21 @@ def mix(per_source: list[list[Example]], weights: list[float], rng: random.Rando
     mixed = []
     for examples, w in zip(per_source, weights, strict=True):
         whole, frac = int(w), w - int(w)
-        picked = examples * whole + rng.sample(examples, round(len(examples) * frac))
+        # A positive fraction keeps at least one example: a small source never silently vanishes.
+        n_frac = max(1, round(len(examples) * frac)) if frac > 0 else 0
+        picked = examples * whole + rng.sample(examples, min(n_frac, len(examples)))
         mixed.append(picked)
     return mixed
 
 
-def split_eval(examples: list[Example], fraction: float, rng: random.Random) -> tuple[list[Example], list[Example]]:
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
+def split_eval(docs: list, fraction: float, rng: random.Random) -> tuple[list, list]:
+    """Hold out a random `fraction` of the items (at least one), keeping their order."""
+    if fraction <= 0 or len(docs) < 2:
+        return docs, []
+    order = list(range(len(docs)))
     rng.shuffle(order)
-    n_eval = max(1, round(len(examples) * fraction))
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+    held = set(order[: max(1, round(len(docs) * fraction))])
+    return [d for i, d in enumerate(docs) if i not in held], [docs[i] for i in sorted(held)]
 
 
 def n_tokens(examples: list[Example]) -> int:
@@ -323,16 +342,27 @@ def prepare(section: DataSection, tokenizer, seed: int) -> Prepared:
     report_sources = []
     for src in section.sources:
         records = read_records(src)
-        examples = chunk(format_records(tokenizer, records, src.format), block)
-        if not examples:
+        docs = format_records(tokenizer, records, src.format)
+        if not chunk(docs, block):
             raise LorakitError(f"{src.path}: no usable text in this source (empty, or nothing to learn from)")
-        # Split by document when there are enough of them, else by block-sized piece.
+        # Hold out whole documents when there are enough of them, else block-sized pieces.
         fraction = section.eval_split if isinstance(section.eval_split, float) else 0.0
-        train, held = split_eval(examples, fraction, rng)
+        if len(docs) >= MIN_DOCS_FOR_DOC_SPLIT:
+            train_docs, held_docs = split_eval(docs, fraction, rng)
+            train, held = chunk(train_docs, block), chunk(held_docs, block)
+        else:
+            train, held = split_eval(chunk(docs, block), fraction, rng)
+        examples = train + held
         per_source.append(train)
         per_source_eval += held
         report_sources.append(
-            {"path": src.path, "format": src.format, "weight": src.weight, "documents": len(records), "examples": len(examples)}
+            {
+                "path": src.path,
+                "format": src.format,
+                "weight": src.weight,
+                "documents": len(records),
+                "examples": len(examples),
+            }
         )
     if isinstance(section.eval_split, str):
         eval_src = section.sources[0].model_copy(update={"path": section.eval_split, "weight": 1.0})

@@ -99,9 +99,7 @@ def resolve(ref: str, revision: str | None = None, pull: bool = True) -> ModelRe
 
 
 def describe(ref: ModelRef) -> str:
-    return {"embedded": "embedded model", "gguf": "GGUF file", "dir": "local directory", "hub": "hub model"}[
-        ref.kind
-    ]
+    return {"embedded": "embedded model", "gguf": "GGUF file", "dir": "local directory", "hub": "hub model"}[ref.kind]
 
 
 # --- the embedded model -----------------------------------------------------------------------

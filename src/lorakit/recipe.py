@@ -79,9 +79,7 @@ class BaseModelSection(Section):
 
 class LoraSection(Section):
     r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
-    alpha: float | None = Field(
-        None, gt=0, description="LoRA alpha (scaling numerator). Default: 2 x r."
-    )
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (scaling numerator). Default: 2 x r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto",
@@ -128,8 +126,7 @@ class DataSource(Section):
     weight: float = Field(
         1.0,
         gt=0,
-        description="Relative share of this source in the training mix (1.0 = use it as is; 2.0 = "
-        "twice; 0.5 = half).",
+        description="Relative share of this source in the training mix (1.0 = use it as is; 2.0 = twice; 0.5 = half).",
     )
 
 
@@ -146,6 +143,17 @@ class DataSection(Section):
         description="Pack documents into full blocks (EOS between them, attention kept apart). "
         "Off: one document per row, padded.",
     )
+
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _number_strings(cls, v: Any) -> Any:
+        # YAML reads `5e-2` (no dot) as a string: a number is a fraction, not a file name.
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return v
 
     @field_validator("eval_split")
     @classmethod
@@ -175,16 +183,14 @@ class TrainSection(Section):
         description="Mixed precision. `auto`: bf16 where supported (CPU and recent GPUs), else fp16 "
         "on a GPU, else fp32.",
     )
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = (
-        Field("adamw_torch", description="Optimizer (transformers' names).")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = Field(
+        "adamw_torch", description="Optimizer (transformers' names)."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     seed: int = Field(42, ge=0, description="Seed for weights init, data order and dropout.")
     logging_every: int = Field(5, gt=0, description="Log loss and tokens/s every N steps.")
-    eval_every: int | None = Field(
-        None, gt=0, description="Evaluate every N steps (always before and after training)."
-    )
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always before and after training).")
     save_every: int | None = Field(
         None, gt=0, description="Write a resumable checkpoint under runs/<name>/ every N steps."
     )
@@ -192,9 +198,7 @@ class TrainSection(Section):
 
 
 class OutputSection(Section):
-    name: str | None = Field(
-        None, description="Adapter name in the store. Default: the recipe file's name."
-    )
+    name: str | None = Field(None, description="Adapter name in the store. Default: the recipe file's name.")
     store: str = Field("adapters", description="Adapter store folder (relative to the working dir).")
     runs_dir: str = Field("runs", description="Folder for checkpoints and metrics of runs.")
 
@@ -261,23 +265,32 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
     out = []
     for e in err.errors(include_url=False):
         loc = tuple(e["loc"])
-        # Pydantic reports union members as extra loc parts ("list[str]", "literal[...]").
-        clean = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "float"})))
-        path = ".".join(str(p) for p in clean)
         if e["type"] == "extra_forbidden":
-            msg = "unknown key" + _did_you_mean(Recipe, clean[:-1], str(clean[-1]))
-        elif e["type"] == "missing":
+            path = ".".join(str(p) for p in loc)
+            out.append((path, "unknown key" + _did_you_mean(Recipe, loc[:-1], str(loc[-1]))))
+            continue
+        # Pydantic adds the union member it tried ("list[str]", "literal[...]", "float") to the
+        # location of a known field; drop those tags (the field names themselves are all known).
+        clean = tuple(p for p in loc if not (isinstance(p, str) and _is_union_tag(p)))
+        path = ".".join(str(p) for p in clean)
+        if e["type"] == "missing":
             msg = "required key is missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and not isinstance(e["input"], dict | list):
-                msg += f", got {e['input']!r}"
+            shown = repr(e.get("input"))
+            # Our own validators (value_error) already name the value in their message.
+            if "input" in e and not isinstance(e["input"], dict | list) and e["type"] != "value_error":
+                msg += f", got {shown}"
         out.append((path, msg))
     # A union failure yields one message per member; keep the first per key path.
     seen: dict[str, str] = {}
     for path, msg in out:
         seen.setdefault(path, msg)
     return list(seen.items())
+
+
+def _is_union_tag(part: str) -> bool:
+    return "[" in part or part in {"str", "float", "int", "bool", "none", "function-after", "function-before"}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -345,7 +358,9 @@ def validate_recipe(raw: dict[str, Any], source: str, default_name: str | None =
         try:
             recipe.output.name = check_name(default_name or "adapter")
         except (ValueError, ValidationError):
-            raise RecipeError(source, [("output.name", "the file name is not a valid adapter name; set output.name")]) from None
+            raise RecipeError(
+                source, [("output.name", "the file name is not a valid adapter name; set output.name")]
+            ) from None
     return recipe
 
 
@@ -372,6 +387,9 @@ def resolve_path(p: str, base: Path) -> Path:
 def recipe_json_schema() -> dict[str, Any]:
     schema = Recipe.model_json_schema()
     schema["title"] = "lorakit recipe"
+    base = schema["properties"]["base_model"]
+    ref = {k: base.pop(k) for k in ("$ref", "allOf") if k in base}
+    base["anyOf"] = [{"type": "string", "description": "Shorthand for base_model.name."}, ref]
     return schema
 
 
@@ -390,7 +408,22 @@ def reference_markdown() -> str:
         for name, f in cls.model_fields.items():
             if name == "sources":
                 continue
-            ann = str(f.annotation).replace("typing.", "").replace("Literal", "one of ")
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            rows.append(f"| `{prefix}.{name}` | `{ann}` | `{default}` | {f.description} |")
+            cells = [f"`{prefix}.{name}`", _type_name(f.annotation), f"`{default}`", f.description or ""]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def _type_name(ann: Any) -> str:
+    """A short, readable type: `int`, `str or null`, `one of: none, 4bit, 8bit`, `list of str`."""
+    args = getattr(ann, "__args__", ())
+    origin = getattr(ann, "__origin__", None)
+    if origin is Literal:
+        return "one of: " + ", ".join(str(a) for a in args)
+    if origin is list:
+        return "list of " + _type_name(args[0])
+    if args:  # a union
+        return " or ".join(_type_name(a) for a in args)
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
