@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= \# Keeper's Log — Gull Rock Light, Week 2
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo test test-fast lint format docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: venv
 format: venv
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
+
+# Regenerate the recipe key reference in README.md from the schema.
+docs: venv
+	$(BIN)/python -m lorakit.recipe README.md
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

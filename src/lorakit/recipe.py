@@ -427,3 +427,24 @@ def _type_name(ann: Any) -> str:
     if ann is type(None):
         return "null"
     return getattr(ann, "__name__", str(ann))
+
+
+REFERENCE_START = "<!-- recipe-reference:start -->"
+REFERENCE_END = "<!-- recipe-reference:end -->"
+
+
+def update_reference(readme: Path) -> bool:
+    """Rewrite the generated recipe reference between the markers in `readme`; True if it changed."""
+    text = readme.read_text()
+    head, _, rest = text.partition(REFERENCE_START)
+    _, _, tail = rest.partition(REFERENCE_END)
+    new = f"{head}{REFERENCE_START}\n{reference_markdown()}{REFERENCE_END}{tail}"
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # `make docs`
+    import sys
+
+    update_reference(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
