@@ -88,9 +88,14 @@ def load_meta(store: str | Path, name: str) -> dict[str, Any]:
     if not meta_file.is_file():
         return {"name": name, "imported": True}
     try:
-        return json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LorakitError(f"{meta_file}: unreadable ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise LorakitError(f"{meta_file}: unreadable (not UTF-8 text)") from None
+    if not isinstance(meta, dict):
+        raise LorakitError(f"{meta_file}: unreadable (expected a JSON object, got {type(meta).__name__})")
+    return meta
 
 
 def list_adapters(store: str | Path) -> list[dict[str, Any]]:
@@ -102,8 +107,10 @@ def list_adapters(store: str | Path) -> list[dict[str, Any]]:
         if d.name.startswith(".") or not d.is_dir() or not (d / REQUIRED[0]).is_file():
             continue
         try:
-            meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
-        except json.JSONDecodeError:
+            meta = json.loads((d / META_FILE).read_text(encoding="utf-8")) if (d / META_FILE).is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        if not isinstance(meta, dict):
             meta = {}
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         rows.append(
@@ -118,6 +125,22 @@ def list_adapters(store: str | Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def remove_adapter(store: str | Path, name: str) -> Path:
+    """Delete adapter `name`: renamed to a hidden folder first, so it vanishes from the store at once."""
+    path = adapter_dir(store, name)
+    if not path.is_dir() or not exists(store, name):
+        known = ", ".join(a["name"] for a in list_adapters(store)) or "none"
+        raise LorakitError(f"no adapter {name!r} in {Path(store).resolve()} (adapters: {known})")
+    trash = path.parent / f".rm-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.rename(trash)
+    except OSError as e:
+        raise LorakitError(f"could not remove adapter {name!r} from {path.parent}: {e.strerror or e}") from None
+    # A failure here leaves only a hidden folder, which listing and loading ignore.
+    shutil.rmtree(trash, ignore_errors=True)
+    return path
 
 
 def _fmt(x: Any) -> str:

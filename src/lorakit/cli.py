@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -29,6 +30,7 @@ console = Console()
 err = Console(stderr=True)
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 3  # stopped on Ctrl-C/SIGTERM with a checkpoint written: resumable
 
 StoreOpt = Annotated[str, typer.Option("--store", help="Adapter store folder.", envvar="LORAKIT_STORE")]
 
@@ -51,6 +53,11 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
 
 
+def say(message: str) -> None:
+    """Print a plain message (paths and names may hold '[...]': never read them as markup)."""
+    console.print(escape(message), highlight=False)
+
+
 def user_errors(fn):
     """Show a LorakitError as a message (exit 2), Ctrl-C as a short note (exit 130)."""
 
@@ -59,7 +66,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LorakitError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(EXIT_INPUT) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -100,6 +107,7 @@ class TrainDisplay:
     def close(self) -> None:
         if self.task is not None:
             self.progress.stop()
+            self.task = None
 
 
 @app.command()
@@ -111,6 +119,7 @@ def train(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter of the same name.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in runs/<name>/.")] = False,
+    force: Annotated[bool, typer.Option(help="Resume even though the recipe or its inputs changed.")] = False,
 ):
     """Train a LoRA/QLoRA adapter from a recipe."""
     from lorakit.recipe import load_recipe
@@ -118,17 +127,24 @@ def train(
     r = load_recipe(recipe, set_ or [])
     quiet_libraries()
     from lorakit import train as train_mod
+    from lorakit.runs import Interrupted
 
     display = TrainDisplay()
     try:
-        result = train_mod.train(r, overwrite=overwrite, resume=resume, show=display, say=console.print)
+        result = train_mod.train(r, overwrite=overwrite, resume=resume, force=force, show=display, say=say)
+    except Interrupted as e:
+        display.close()
+        err.print(f"[yellow]{escape(str(e))}[/]")
+        if e.checkpoint:
+            err.print(f"resume with: lorakit train {escape(str(recipe))} --resume")
+        raise typer.Exit(EXIT_STOPPED) from None
     finally:
         display.close()
     m = result.metrics
     if m["eval_loss_before"] is not None:
         console.print(f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}")
     console.print(
-        f"[green]saved adapter[/] {result.name!r} to {result.path} "
+        f"[green]saved adapter[/] {result.name!r} to {escape(str(result.path))} "
         f"({m['steps']} steps, {m['train_tokens_seen']:,} tokens, {m['tokens_per_second']:.0f} tok/s)"
     )
 
@@ -147,9 +163,9 @@ def recipe_validate(files: Annotated[list[Path], typer.Argument(help="Recipe fil
             r = load_recipe(f)
         except RecipeError as e:
             bad += 1
-            err.print(f"[red]{e.render()}[/]", highlight=False)
+            err.print(f"[red]{escape(e.render())}[/]", highlight=False)
         else:
-            console.print(f"[green]ok[/] {f} (adapter {r.adapter_name!r}, base {r.base_model.name})")
+            console.print(f"[green]ok[/] {escape(f'{f} (adapter {r.adapter_name!r}, base {r.base_model.name})')}")
     if bad:
         raise typer.Exit(EXIT_INPUT)
 
@@ -179,7 +195,7 @@ def models_pull(
     name = name.removeprefix("embedded:")
     with console.status(f"preparing embedded:{name}"):
         path = pull_embedded(name, from_, force)
-    console.print(f"[green]ready[/] embedded:{name} at {path}")
+    console.print(f"[green]ready[/] embedded:{name} at {escape(str(path))}")
 
 
 @models_app.command("list")
@@ -187,7 +203,7 @@ def models_list():
     """Show embedded models and whether they are cached."""
     from lorakit.models import list_embedded
 
-    table = Table("name", "cached", "size", "description", "path")
+    table = _table("name", "cached", "size", "description", "path")
     for row in list_embedded():
         table.add_row(
             row["name"], "yes" if row["cached"] else "no", _size(row["size"]), row["description"], row["path"]
@@ -252,11 +268,19 @@ def adapters_list(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("name", "base model", "method", "r", "size", "eval loss", "created")
+    table = _table("name", "base model", "method", "r", "size", "eval loss", "created")
     for r in rows:
         loss = f"{r['eval_loss']:.4f}" if isinstance(r["eval_loss"], float) else "-"
         table.add_row(r["name"], r["base_model"], r["method"], str(r["r"]), _size(r["size"]), loss, r["created"])
     console.print(table if rows else f"no adapters in {Path(store).resolve()}")
+
+
+def _table(*columns: str) -> Table:
+    """A table whose cells wrap instead of being cut with an ellipsis on narrow terminals and pipes."""
+    table = Table()
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    return table
 
 
 def _size(n: int) -> str:

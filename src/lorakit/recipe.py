@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorakit.errors import LorakitError
 
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class RecipeError(LorakitError):
@@ -37,7 +37,7 @@ class RecipeError(LorakitError):
 
 def check_name(name: str) -> str:
     """Validate an adapter name: a single path component, safe on every filesystem."""
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise ValueError(
             f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', no '..')"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lorakit import adapters, models
+from lorakit import adapters, models, runs
 from lorakit.data import Prepared, content_hash, prepare, prompt_style
 from lorakit.errors import LorakitError
 from lorakit.recipe import Recipe
@@ -123,7 +123,7 @@ def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, packing: bool, h
         eval_steps=t.eval_every,
         save_strategy="steps" if t.save_every else "no",
         save_steps=t.save_every or 500,
-        save_total_limit=t.keep_checkpoints,
+        save_total_limit=None,  # lorakit prunes, never deleting the newest complete checkpoint
         report_to="none",
         disable_tqdm=True,
         max_length=recipe.data.block_size,
@@ -239,20 +239,11 @@ def preflight(recipe: Recipe, overwrite: bool):
     return ref, skeleton.config, targets, fan_in_fan_out, tokenizer, data
 
 
-def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, show=None, say=print) -> TrainResult:
-    """Run one recipe end to end and write its adapter to the store."""
-    show = show or NullDisplay()
-    ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite)
-    plan = make_plan(recipe)
-    say(f"base model: {recipe.base_model.name} ({models.describe(ref)}, {config.model_type})")
-    say(f"target modules: {', '.join(targets) if isinstance(targets, list) else targets}")
-    say(_data_summary(data))
-    compute = models.torch_dtype(
-        {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.precision]
-        if recipe.base_model.compute_dtype == "auto"
-        else recipe.base_model.compute_dtype
-    )
-    model = models.load_model(ref, recipe.base_model, compute=compute, dev=plan.device)
+def load_base(recipe: Recipe, ref: models.ModelRef, plan: Plan):
+    """Load the base model for training and settle packing (kept only if documents stay apart)."""
+    precision_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.precision]
+    compute_name = precision_dtype if recipe.base_model.compute_dtype == "auto" else recipe.base_model.compute_dtype
+    model = models.load_model(ref, recipe.base_model, compute=models.torch_dtype(compute_name), dev=plan.device)
     model.config.use_cache = False
     packing = recipe.data.packing
     if packing and not packing_is_isolated(model):
@@ -260,41 +251,68 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, show
         plan.notes.append("this model's attention mixes packed documents: packing turned off (one document per row)")
     elif packing:
         plan.notes.append("packing: documents packed padding-free, attention kept within each document")
+    return model, packing
+
+
+def prepare_run_dir(recipe: Recipe, key: dict, overwrite: bool, resume: bool, force: bool):
+    """runs/<name>/: fresh for a new run, or the newest complete checkpoint to resume from."""
+    run_dir = Path(recipe.output.runs_dir) / recipe.adapter_name
+    if resume:
+        ckpt, info = runs.find_resume(run_dir, key, force)
+        return run_dir, str(ckpt), info
+    runs.check_fresh_start(run_dir, overwrite)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return run_dir, None, {}
+
+
+def train(
+    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False, show=None, say=print
+) -> TrainResult:
+    """Run one recipe end to end and write its adapter to the store."""
+    ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite or resume)
+    key = runs.resume_key(recipe, models.weights_fingerprint(ref), content_hash(recipe.data))
+    run_dir, resume_from, run_info = prepare_run_dir(recipe, key, overwrite, resume, force)
+    plan = make_plan(recipe)
+    say(f"base model: {recipe.base_model.name} ({models.describe(ref)}, {config.model_type})")
+    say(f"target modules: {', '.join(targets) if isinstance(targets, list) else targets}")
+    say(_data_summary(data))
+    model, packing = load_base(recipe, ref, plan)
     say(
         f"device {plan.device}, precision {plan.precision}, gradient checkpointing "
         f"{'on' if plan.gradient_checkpointing else 'off'}; " + "; ".join(plan.notes)
     )
-
-    run_dir = Path(recipe.output.runs_dir) / recipe.adapter_name
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
     train_ds, eval_ds = data.datasets()
-    args = build_sft_config(recipe, run_dir, plan, packing, eval_ds is not None)
-    runlog = RunLog(run_dir / "metrics.jsonl", show)
+    stop = runs.GracefulStop(say)
     trainer = sft_trainer_class()(
         model=model,
-        args=args,
+        args=build_sft_config(recipe, run_dir, plan, packing, eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=build_lora_config(recipe, targets, fan_in_fan_out),
-        callbacks=[runlog],
-    )
+        callbacks=[RunLog(run_dir / "metrics.jsonl", show or NullDisplay()),
+                   runs.Checkpoints(run_dir, recipe.train.keep_checkpoints), stop],
+    )  # fmt: skip
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-
-    eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    if resume_from:
+        say(f"resuming from {resume_from}")
+        eval_before = run_info.get("eval_loss_before")
+    else:
+        eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+        runs.write_run(run_dir, {"resume_key": key, "eval_loss_before": eval_before})
     started = time.perf_counter()
-    resume_from = _latest_checkpoint(run_dir) if resume else None
     out = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.requested:
+        done = runs.checkpoints(run_dir)
+        raise runs.Interrupted(trainer.state.global_step, done[-1] if done else None)
     runtime = time.perf_counter() - started
     eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
-
     metrics = {
         "train_loss": out.training_loss,
         "eval_loss_before": eval_before,
@@ -305,7 +323,19 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, show
         "train_runtime_s": round(runtime, 2),
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(runtime, 1e-9), 1),
     }
-    meta = {
+    meta = build_meta(recipe, ref, config, tokenizer, targets, trainable, data, plan, packing, metrics)
+    meta["base_model"]["fingerprint"] = key["base_fingerprint"]
+    meta["data"]["content_hash"] = key["data_content"]
+    path = plan_save(trainer, recipe, meta, overwrite)
+    if trainer.is_world_process_zero():
+        for ckpt in runs.checkpoints(run_dir, complete_only=False):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return TrainResult(recipe.adapter_name, path, metrics, meta)
+
+
+def build_meta(recipe, ref, config, tokenizer, targets, trainable, data, plan, packing, metrics) -> dict[str, Any]:
+    """lorakit.json: everything needed to use, reproduce and check this adapter."""
+    return {
         "name": recipe.adapter_name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": method_name(recipe),
@@ -316,7 +346,6 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, show
             "path": ref.path,
             "gguf_file": ref.gguf_file,
             "architecture": (config.architectures or [config.model_type])[0],
-            "fingerprint": models.weights_fingerprint(ref),
             "quantization": recipe.base_model.quantization,
         },
         "tokenizer": {
@@ -328,7 +357,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, show
         "target_modules": targets if isinstance(targets, list) else [targets],
         "lora_alpha": recipe.lora.alpha if recipe.lora.alpha is not None else 2 * recipe.lora.r,
         "trainable_params": trainable,
-        "data": {**data.report, "content_hash": content_hash(recipe.data)},
+        "data": dict(data.report),
         "plan": {
             "device": str(plan.device),
             "precision": plan.precision,
@@ -339,11 +368,6 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, show
         "seed": recipe.train.seed,
         "versions": versions(),
     }
-    path = plan_save(trainer, recipe, meta, overwrite)
-    if trainer.is_world_process_zero():
-        for ckpt in run_dir.glob("checkpoint-*"):
-            shutil.rmtree(ckpt, ignore_errors=True)
-    return TrainResult(recipe.adapter_name, path, metrics, meta)
 
 
 def plan_save(trainer, recipe: Recipe, meta: dict, overwrite: bool) -> Path:
@@ -351,13 +375,6 @@ def plan_save(trainer, recipe: Recipe, meta: dict, overwrite: bool) -> Path:
     if not trainer.is_world_process_zero():
         return adapters.adapter_dir(store, recipe.adapter_name)
     return adapters.save_adapter(trainer.model, store, recipe.adapter_name, meta, overwrite=overwrite)
-
-
-def _latest_checkpoint(run_dir: Path) -> str | None:
-    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if not ckpts:
-        raise LorakitError(f"--resume: no checkpoint in {run_dir} (set train.save_every to write them)")
-    return str(ckpts[-1])
 
 
 def _data_summary(data: Prepared) -> str:

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import RECIPES, read_meta, run_cli
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import RECIPES, read_meta, run_cli
 from lorakit import generate
 
 pytestmark = pytest.mark.e2e

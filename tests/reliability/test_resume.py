@@ -1,0 +1,119 @@
+"""Ctrl-C writes a checkpoint; --resume continues exactly; unfinished checkpoints are never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import RECIPES, tiny_recipe
+from lorakit import runs
+from lorakit.errors import LorakitError
+from lorakit.recipe import validate_recipe
+from lorakit.train import train
+
+TIDES = RECIPES / "data" / "tides.txt"
+
+
+def recipe(model_dir, root, name, **sections):
+    body = tiny_recipe(model_dir, TIDES, **sections)
+    body["train"].update({"max_steps": 8, "save_every": 2, "learning_rate": 1e-2, "logging_every": 1})
+    body["output"] = {"name": name, "store": str(root / "adapters"), "runs_dir": str(root / "runs")}
+    return validate_recipe(body, "test")
+
+
+def losses(root, name):
+    rows = [json.loads(x) for x in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["learning_rate"]) for r in rows if "loss" in r}
+
+
+def interrupt_at(monkeypatch, step):
+    """Deliver a real SIGINT to this process at the end of `step`, as Ctrl-C would."""
+    original = runs.GracefulStop.on_step_end
+
+    def hooked(self, args, state, control, **kw):
+        if state.global_step == step and not self.requested:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(runs.GracefulStop, "on_step_end", hooked)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    result = train(recipe(tiny_llama, root, "run"))
+    return root, result
+
+
+def test_interrupt_then_resume_matches_an_uninterrupted_run(uninterrupted, tiny_llama, tmp_path, monkeypatch):
+    root_a, result_a = uninterrupted
+    r = recipe(tiny_llama, tmp_path, "run")
+    interrupt_at(monkeypatch, 3)  # mid-epoch, and between two checkpoint steps
+    with pytest.raises(runs.Interrupted) as exc:
+        train(r)
+    assert exc.value.step == 3 and exc.value.checkpoint.name == "checkpoint-3"
+    assert (exc.value.checkpoint / runs.MARKER).is_file()
+    assert not (tmp_path / "adapters" / "run").exists()  # nothing half-done in the store
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.undo()
+
+    result_b = train(r, resume=True)
+    assert result_b.metrics["steps"] == 8
+    a = load_file(result_a.path / "adapter_model.safetensors")
+    b = load_file(result_b.path / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    la, lb = losses(root_a, "run"), losses(tmp_path, "run")
+    for step in range(4, 9):  # the steps run after resuming: same batches, same loss, same learning rate
+        assert lb[step][0] == pytest.approx(la[step][0], rel=1e-5), step
+        assert lb[step][1] == pytest.approx(la[step][1], rel=1e-9), step
+    assert result_b.metrics["eval_loss_before"] == result_a.metrics["eval_loss_before"]
+    assert result_b.metrics["eval_loss_after"] == pytest.approx(result_a.metrics["eval_loss_after"], rel=1e-5)
+    assert not runs.checkpoints(tmp_path / "runs" / "run", complete_only=False)  # cleaned up at the end
+
+
+def test_resume_with_a_changed_recipe_is_refused(tiny_llama, tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(runs.Interrupted):
+        train(recipe(tiny_llama, tmp_path, "run"))
+    monkeypatch.undo()
+    changed = recipe(tiny_llama, tmp_path, "run", lora={"r": 8}, data={"block_size": 32})
+    with pytest.raises(LorakitError) as exc:
+        train(changed, resume=True)
+    assert "lora.r: 4 -> 8" in str(exc.value) and "block_size: 64 -> 32" in str(exc.value)
+    assert "--force" in str(exc.value)
+    # A fresh start without --overwrite must not silently discard the unfinished run either.
+    with pytest.raises(LorakitError, match="unfinished run.*--resume"):
+        train(recipe(tiny_llama, tmp_path, "run"))
+
+
+def test_resume_ignores_an_unfinished_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            runs.mark_complete(run_dir / f"checkpoint-{step}")
+    runs.write_run(run_dir, {"resume_key": {"a": 1}})
+    ckpt, _ = runs.find_resume(run_dir, {"a": 1}, force=False)
+    assert ckpt.name == "checkpoint-4"
+
+
+def test_prune_keeps_the_newest_complete_checkpoint(tmp_path):
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 8:
+            runs.mark_complete(tmp_path / f"checkpoint-{step}")
+    runs.prune(tmp_path, keep=1)
+    # checkpoint-8 is still being written (no marker) and is newer: it stays, and so does 6.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_resume_without_checkpoints_says_how_to_get_them(tiny_llama, tmp_path):
+    with pytest.raises(LorakitError, match="no complete checkpoint.*save_every"):
+        train(recipe(tiny_llama, tmp_path, "run"), resume=True)
