@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models run faster on one thread, and tests in one process share the cores with subprocesses.
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 CHATML = (

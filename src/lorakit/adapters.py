@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,33 @@ def load_meta(store: str | Path, name: str) -> dict[str, Any]:
         raise LorakitError(f"{meta_file}: unreadable (not UTF-8 text)") from None
     if not isinstance(meta, dict):
         raise LorakitError(f"{meta_file}: unreadable (expected a JSON object, got {type(meta).__name__})")
+    check_consistent(path, meta)
     return meta
+
+
+def check_consistent(path: Path, meta: dict[str, Any]) -> None:
+    """The PEFT config on disk must be the one lorakit recorded (rank and target modules)."""
+    try:
+        config = json.loads((path / REQUIRED[0]).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LorakitError(f"{path / REQUIRED[0]}: unreadable") from None
+    recorded_r = meta.get("recipe", {}).get("lora", {}).get("r")
+    if recorded_r is not None and config.get("r") != recorded_r:
+        raise LorakitError(
+            f"adapter {path.name!r}: adapter_config.json has r={config.get('r')} but lorakit.json recorded "
+            f"r={recorded_r}; the files do not belong together"
+        )
+    recorded_t = meta.get("target_modules")
+    on_disk = config.get("target_modules")
+    if (
+        recorded_t
+        and on_disk is not None
+        and sorted(recorded_t) != sorted(on_disk if isinstance(on_disk, list) else [on_disk])
+    ):
+        raise LorakitError(
+            f"adapter {path.name!r}: adapter_config.json has target_modules {on_disk} but lorakit.json recorded "
+            f"{recorded_t}; the files do not belong together"
+        )
 
 
 def list_adapters(store: str | Path) -> list[dict[str, Any]]:
@@ -104,7 +131,7 @@ def list_adapters(store: str | Path) -> list[dict[str, Any]]:
         return []
     rows = []
     for d in sorted(root.iterdir()):
-        if d.name.startswith(".") or not d.is_dir() or not (d / REQUIRED[0]).is_file():
+        if d.name.startswith(".") or not d.is_dir() or not all((d / f).is_file() for f in REQUIRED):
             continue
         try:
             meta = json.loads((d / META_FILE).read_text(encoding="utf-8")) if (d / META_FILE).is_file() else {}
@@ -127,12 +154,17 @@ def list_adapters(store: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def remove_adapter(store: str | Path, name: str) -> Path:
-    """Delete adapter `name`: renamed to a hidden folder first, so it vanishes from the store at once."""
+def remove_adapter(store: str | Path, name: str, confirm: Callable[[Path], bool] | None = None) -> Path | None:
+    """Delete adapter `name` (after `confirm(path)` agrees, if given); None if not confirmed.
+
+    The folder is renamed to a hidden one first, so the adapter leaves the store in one step.
+    """
     path = adapter_dir(store, name)
     if not path.is_dir() or not exists(store, name):
         known = ", ".join(a["name"] for a in list_adapters(store)) or "none"
         raise LorakitError(f"no adapter {name!r} in {Path(store).resolve()} (adapters: {known})")
+    if confirm is not None and not confirm(path):
+        return None
     trash = path.parent / f".rm-{name}-{uuid.uuid4().hex[:8]}"
     try:
         path.rename(trash)

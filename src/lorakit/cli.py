@@ -275,6 +275,121 @@ def adapters_list(
     console.print(table if rows else f"no adapters in {Path(store).resolve()}")
 
 
+@adapters_app.command("show")
+@user_errors
+def adapters_show(
+    name: Annotated[str, typer.Argument(help="Adapter name in the store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print its lorakit.json (machine-readable).")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Show how an adapter was made: base model, method, targets, data mix, metrics, versions, recipe."""
+    import yaml
+
+    from lorakit.adapters import adapter_dir, load_meta
+
+    meta = load_meta(store, name)
+    if as_json:
+        print(json.dumps(meta, indent=2))
+        return
+    path = adapter_dir(store, name)
+    console.rule(f"[bold]{escape(name)}")
+    say(str(path))
+    if meta.get("imported"):
+        say("imported adapter: no lorakit.json, so no recipe, data or metrics are recorded; " + _peft_summary(path))
+        return
+    console.print(_adapter_facts(meta))
+    console.print(_adapter_mix(meta))
+    console.rule("recipe (resolved)")
+    say(yaml.safe_dump(meta.get("recipe", {}), sort_keys=False).rstrip())
+
+
+def _adapter_facts(meta: dict) -> Table:
+    base, metrics, plan = meta.get("base_model", {}), meta.get("metrics", {}), meta.get("plan", {})
+    lora = meta.get("recipe", {}).get("lora", {})
+    flags = [flag for flag, on in (("DoRA", lora.get("use_dora")), ("rsLoRA", lora.get("use_rslora"))) if on]
+    ppl = metrics.get("eval_perplexity_after")
+    rows = [
+        ("method", meta.get("method", "?") + (f" ({', '.join(flags)})" if flags else "")),
+        ("base model", f"{base.get('reference')} ({base.get('architecture', '?')})"),
+        *([("base path", base["path"])] if base.get("path") not in (None, base.get("reference")) else []),
+        ("base weights", base.get("fingerprint") or "not recorded"),
+        ("base quantization", base.get("quantization", "none")),
+        ("rank / alpha / dropout", f"{lora.get('r')} / {meta.get('lora_alpha')} / {lora.get('dropout')}"),
+        ("target modules", ", ".join(meta.get("target_modules", []))),
+        ("trainable parameters", _num(meta.get("trainable_params"))),
+        ("steps / tokens", f"{metrics.get('steps')} / {_num(metrics.get('train_tokens_seen'))}"),
+        (
+            "eval loss",
+            f"{_num(metrics.get('eval_loss_before'))} -> {_num(metrics.get('eval_loss_after'))}"
+            + (f" (perplexity {ppl:.2f})" if isinstance(ppl, float) else ""),
+        ),
+        ("speed", f"{metrics.get('tokens_per_second')} tokens/s over {metrics.get('train_runtime_s')} s"),
+        ("trained on", f"{plan.get('device')}, {plan.get('precision')}, packing {plan.get('packing')}"),
+        ("seed / created", f"{meta.get('seed')} / {meta.get('created')}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
+    ]
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, escape(str(value)))
+    return table
+
+
+def _adapter_mix(meta: dict) -> Table:
+    table = _table("share", "training tokens", "weight", "documents", "format", "data source")
+    for s in meta.get("data", {}).get("sources", []):
+        share = s.get("share")
+        table.add_row(
+            f"{share:.1%}" if isinstance(share, float | int) else "-",
+            _num(s.get("train_tokens")),
+            str(s.get("weight")),
+            _num(s.get("documents")),
+            str(s.get("format")),
+            escape(str(s.get("path"))),
+        )
+    return table
+
+
+def _peft_summary(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return "adapter_config.json is unreadable"
+    return f"adapter_config.json: base {cfg.get('base_model_name_or_path')}, r {cfg.get('r')}, " + (
+        f"targets {cfg.get('target_modules')}"
+    )
+
+
+def _num(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4f}"
+    return f"{x:,}" if isinstance(x, int) else "-" if x is None else str(x)
+
+
+@adapters_app.command("rm")
+@user_errors
+def adapters_rm(
+    name: Annotated[str, typer.Argument(help="Adapter name in the store.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Delete an adapter from the store (asks first unless --yes)."""
+    from lorakit.adapters import remove_adapter
+
+    def confirm(path: Path) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise LorakitError(f"not removing adapter {name!r}: no terminal to ask for confirmation; pass --yes")
+        return typer.confirm(f"Remove adapter {name!r} ({path})?", default=False)
+
+    if remove_adapter(store, name, confirm) is None:
+        say("nothing removed")
+        raise typer.Exit(1)
+    say(f"removed adapter {name!r} from {Path(store).resolve()}")
+
+
 def _table(*columns: str) -> Table:
     """A table whose cells wrap instead of being cut with an ellipsis on narrow terminals and pipes."""
     table = Table()
@@ -289,6 +404,45 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+# --- merge ------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def merge(
+    name: Annotated[str, typer.Argument(help="Adapter name in the store.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model (must not exist, or be empty).")],
+    dtype: Annotated[str, typer.Option(help="dtype of the merged weights: float32, bfloat16 or float16.")] = "float32",
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Largest allowed logit difference from base+adapter, relative to the largest logit "
+            "(default: 1e-4 for float32, 1e-1 for bfloat16, 2e-2 for float16).",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model reference (default: the adapter's); weights must match.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Merge an adapter into a full-precision copy of its base: verified, then written as a plain model folder."""
+    quiet_libraries()
+    from lorakit.merge import merge_adapter
+
+    with console.status(f"merging {escape(name)}"):
+        report = merge_adapter(
+            store, name, out, dtype=dtype, tolerance=tolerance, overwrite=overwrite, base=base, say=say
+        )
+    size = sum(f.stat().st_size for f in report.out.rglob("*") if f.is_file())
+    console.print(
+        f"[green]wrote merged model[/] {escape(str(report.out))} ({_size(size)}, {report.seconds:.1f} s); "
+        "it loads with transformers' AutoModelForCausalLM.from_pretrained, no peft needed",
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(_read_text(path).splitlines(), start=1):
+        # Split on newlines only: JSON strings may hold U+2028 and friends, which splitlines() breaks at.
+        for i, line in enumerate(_read_text(path).split("\n"), start=1):
             if not line.strip():
                 continue
             try:

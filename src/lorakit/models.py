@@ -63,8 +63,14 @@ class ModelRef:
     revision: str | None = None
 
     @property
+    def label(self) -> str:
+        """How to name this model in a message: the file for a GGUF, else the directory or hub id."""
+        return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
+
+    @property
     def load_args(self) -> dict:
-        args: dict = {}
+        # Local models never touch the network (transformers otherwise probes the hub, slowly offline).
+        args: dict = {"local_files_only": True} if self.kind != "hub" else {}
         if self.gguf_file:
             args["gguf_file"] = self.gguf_file
         if self.revision:
@@ -236,7 +242,7 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code, **ref.load_args)
     except (OSError, ValueError) as e:
-        raise LorakitError(f"could not load the tokenizer of {ref.path}: {_short(e)}") from None
+        raise LorakitError(f"could not load the tokenizer of {ref.label}: {_short(e)}") from None
     fix_pad_token(tok)
     return tok
 
@@ -279,7 +285,7 @@ def load_config(ref: ModelRef, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code, **ref.load_args)
     except (OSError, ValueError, KeyError) as e:
-        raise LorakitError(f"could not load the model config of {ref.path}: {_short(e)}") from None
+        raise LorakitError(f"could not load the model config of {ref.label}: {_short(e)}") from None
     if hasattr(config, "quantization_config") and ref.gguf_file:
         del config.quantization_config
     return config
@@ -391,10 +397,18 @@ def load_model(ref: ModelRef, section: BaseModelSection, compute: torch.dtype | 
     if section.quantization != "none":
         kwargs["quantization_config"] = quantization_config(section, compute or dtype)
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+    except SafetensorError as e:
+        files = ", ".join(sorted(f.name for f in Path(ref.path).glob("*.safetensors"))) or "weights"
+        raise LorakitError(
+            f"{ref.label}: {files} unreadable ({_short(e)}); the file is damaged or incomplete: "
+            "download or convert the model again"
+        ) from None
     except (OSError, ValueError, RuntimeError) as e:
-        raise LorakitError(f"could not load model {ref.path}: {_short(e)}") from None
+        raise LorakitError(f"could not load model {ref.label}: {_short(e)}") from None
     if getattr(model.config, "quantization_config", None) is not None and ref.gguf_file:
         del model.config.quantization_config
     return model

@@ -46,7 +46,7 @@ def check_name(name: str) -> str:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class BaseModelSection(Section):
@@ -300,8 +300,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"--set {text!r}: expected KEY=VALUE, like train.learning_rate=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError):
+        value = raw  # not YAML we can build: take the text as it is
     return key.split("."), value
 
 
@@ -342,6 +342,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(str(path), [("", f"YAML syntax error at {where}{e.problem or e}")]) from None
     except yaml.YAMLError as e:
         raise RecipeError(str(path), [("", f"YAML error: {e}")]) from None
+    except (ValueError, TypeError) as e:  # a tagged or dated value PyYAML cannot build
+        raise RecipeError(str(path), [("", f"YAML value error: {e}")]) from None
+    except RecursionError:
+        raise RecipeError(str(path), [("", "YAML nested too deeply")]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -372,10 +376,19 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     if problems:
         raise RecipeError(str(path), problems)
     recipe = validate_recipe(raw, str(path), default_name=path.stem)
-    for src in recipe.data.sources:
-        src.path = str(resolve_path(src.path, path.parent))
+    problems = []
+    for i, src in enumerate(recipe.data.sources):
+        try:
+            src.path = str(resolve_path(src.path, path.parent))
+        except (ValueError, RuntimeError, OSError) as e:
+            problems.append((f"data.sources.{i}.path", f"not a usable path: {e}"))
     if isinstance(recipe.data.eval_split, str):
-        recipe.data.eval_split = str(resolve_path(recipe.data.eval_split, path.parent))
+        try:
+            recipe.data.eval_split = str(resolve_path(recipe.data.eval_split, path.parent))
+        except (ValueError, RuntimeError, OSError) as e:
+            problems.append(("data.eval_split", f"not a usable path: {e}"))
+    if problems:
+        raise RecipeError(str(path), problems)
     return recipe
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -261,10 +263,15 @@ def prepare_run_dir(recipe: Recipe, key: dict, overwrite: bool, resume: bool, fo
         ckpt, info = runs.find_resume(run_dir, key, force)
         return run_dir, str(ckpt), info
     runs.check_fresh_start(run_dir, overwrite)
-    if run_dir.exists():
+    if run_dir.exists() and is_main_process():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, None, {}
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun/accelerate (the only process that writes run files and adapters)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(
@@ -305,7 +312,10 @@ def train(
         eval_before = run_info.get("eval_loss_before")
     else:
         eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
-        runs.write_run(run_dir, {"resume_key": key, "eval_loss_before": eval_before})
+        if is_main_process():
+            runs.write_run(
+                run_dir, {"resume_key": key, "eval_loss_before": eval_before, "recipe": recipe.model_dump(mode="json")}
+            )
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume_from)
     if stop.requested:
@@ -366,6 +376,8 @@ def build_meta(recipe, ref, config, tokenizer, targets, trainable, data, plan, p
         },
         "metrics": metrics,
         "seed": recipe.train.seed,
+        "recipe_hash": "sha256:"
+        + hashlib.sha256(recipe.model_dump_json(exclude={"output": {"store", "runs_dir"}}).encode()).hexdigest(),
         "versions": versions(),
     }
 

@@ -28,7 +28,7 @@ def workdir(tmp_path_factory, embedded):
 @pytest.fixture(scope="module")
 def quickstart(workdir):
     """`lorakit train recipes/quickstart.yaml`, exactly as shipped."""
-    res = run_cli("train", "recipes/quickstart.yaml", cwd=workdir, timeout=900)
+    res = run_cli("train", "recipes/quickstart.yaml", cwd=workdir, timeout=2400)
     assert res.returncode == 0, res.stdout + res.stderr
     return res
 
