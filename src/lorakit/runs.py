@@ -1,9 +1,10 @@
 """Runs in progress: checkpoints that are complete or ignored, Ctrl-C that saves, exact resume.
 
 A checkpoint is `runs/<name>/checkpoint-<step>/` as transformers writes it (adapter weights,
-optimizer, scheduler, RNG states of every library, trainer state with the data position), plus
-a `.complete` marker written only after every file is flushed to disk. Resume only ever
-considers checkpoints with the marker, so a checkpoint cut short by a crash is never used.
+optimizer, scheduler, RNG states of every library, trainer state with the data position) plus
+the run's recipe (`run.json`). It is written in `runs/<name>/.staging/`, flushed to disk, marked
+`.complete` and only then renamed into place. Resume only ever considers checkpoints with the
+marker, so a checkpoint cut short by a crash is never used.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lorakit.recipe import Recipe
 
 MARKER = ".complete"
 RUN_FILE = "run.json"
+STAGING = ".staging"
 
 
 class Interrupted(LorakitError):
@@ -65,6 +67,20 @@ def mark_complete(ckpt: Path) -> None:
     _fsync_tree(ckpt)
     (ckpt / MARKER).write_text("ok\n")
     _fsync_tree(ckpt)
+
+
+def publish(staged: Path, run_dir: Path) -> Path:
+    """Move a fully written checkpoint from the staging folder into the run: copy the run's recipe
+    into it, flush it, mark it complete, and rename it into place (one atomic step)."""
+    if (run_dir / RUN_FILE).is_file():
+        shutil.copy2(run_dir / RUN_FILE, staged / RUN_FILE)
+    mark_complete(staged)
+    final = run_dir / staged.name
+    if final.exists():
+        shutil.rmtree(final)
+    staged.rename(final)
+    shutil.rmtree(staged.parent, ignore_errors=True)
+    return final
 
 
 def prune(run_dir: Path, keep: int) -> None:

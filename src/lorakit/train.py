@@ -75,6 +75,20 @@ def sft_trainer_class():
             inputs["use_cache"] = False
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+        def _save_checkpoint(self, model, trial):
+            """Write the checkpoint in a staging folder, flush it, mark it complete, rename it into place."""
+            if self.args.world_size > 1:  # every rank writes its own files: rely on the marker alone
+                return super()._save_checkpoint(model, trial)
+            run_dir = Path(self.args.output_dir)
+            staging = run_dir / runs.STAGING
+            shutil.rmtree(staging, ignore_errors=True)
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(run_dir)
+            runs.publish(staging / f"checkpoint-{self.state.global_step}", run_dir)
+
     return LorakitSFTTrainer
 
 

@@ -58,6 +58,11 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(uninterrupted, tiny_
         train(r)
     assert exc.value.step == 3 and exc.value.checkpoint.name == "checkpoint-3"
     assert (exc.value.checkpoint / runs.MARKER).is_file()
+    assert json.loads((exc.value.checkpoint / runs.RUN_FILE).read_text())["recipe"]["lora"]["r"] == 4
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
+        p.name for p in exc.value.checkpoint.iterdir()
+    }
+    assert not (tmp_path / "runs" / "run" / runs.STAGING).exists()
     assert not (tmp_path / "adapters" / "run").exists()  # nothing half-done in the store
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.undo()
@@ -117,3 +122,16 @@ def test_prune_keeps_the_newest_complete_checkpoint(tmp_path):
 def test_resume_without_checkpoints_says_how_to_get_them(tiny_llama, tmp_path):
     with pytest.raises(LorakitError, match="no complete checkpoint.*save_every"):
         train(recipe(tiny_llama, tmp_path, "run"), resume=True)
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    stop = runs.GracefulStop(say=lambda m: None)
+    stop.on_train_begin(None, None, None)
+    try:
+        stop.request()
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            stop.request()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored before raising
+    finally:
+        stop.restore()
