@@ -218,7 +218,9 @@ def models_list():
 @user_errors
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
-    adapter: Annotated[str | None, typer.Option(help="Adapter name in the store.")] = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="Adapter name in the store; repeat to compare several.")
+    ] = None,
     base_only: Annotated[bool, typer.Option("--base-only", help="Use the base model alone.")] = False,
     compare: Annotated[bool, typer.Option(help="Also show the base model's output for the same prompt.")] = False,
     base: Annotated[str | None, typer.Option(help="Base model reference (default: the adapter's).")] = None,
@@ -229,8 +231,8 @@ def generate(
     seed: int = 0,
     store: StoreOpt = "adapters",
 ):
-    """Generate text with an adapter (or the base model), streaming tokens to the terminal."""
-    if adapter is None and not base_only:
+    """Generate text with one or more adapters (or the base model), streaming tokens to the terminal."""
+    if not adapter and not base_only:
         raise LorakitError("name an adapter with --adapter NAME, or pass --base-only")
     if style not in (None, "chat", "alpaca", "raw"):
         raise LorakitError(f"--style must be chat, alpaca or raw, got {style!r}")
@@ -243,12 +245,12 @@ def generate(
     loaded = load(store, None if base_only else adapter, base)
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     opts = dict(style=style, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    runs = [(True, f"adapter {adapter}")] if loaded.adapter else [(False, "base model")]
-    if compare and loaded.adapter:
-        runs = [(False, "base model"), *runs]
-    for use_adapter, label in runs:
-        console.rule(f"[bold]{label}")
-        gen(loaded, prompt, use_adapter=use_adapter, streamer=streamer, **opts)
+    outputs = [(n, f"adapter {n}") for n in loaded.adapters] or [(None, "base model")]
+    if compare and loaded.adapters:
+        outputs = [(None, "base model"), *outputs]
+    for name, label in outputs:
+        console.rule(f"[bold]{escape(label)}")
+        gen(loaded, prompt, adapter=name, use_adapter=name is not None, streamer=streamer, **opts)
         sys.stdout.flush()
 
 

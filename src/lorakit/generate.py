@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,12 @@ from lorakit.recipe import BaseModelSection
 
 @dataclass
 class Loaded:
-    model: Any  # a PreTrainedModel or a PeftModel
+    model: Any  # a PreTrainedModel or a PeftModel holding every loaded adapter
     tokenizer: Any
-    meta: dict[str, Any]
-    adapter: str | None
+    meta: dict[str, Any]  # the first adapter's lorakit.json
+    adapter: str | None  # the first adapter
+    adapters: list[str] = field(default_factory=list)
+    metas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def check_base(meta: dict[str, Any], ref: models.ModelRef) -> None:
@@ -33,34 +35,50 @@ def check_base(meta: dict[str, Any], ref: models.ModelRef) -> None:
         )
 
 
-def load(store: str | Path, adapter: str | None, base: str | None = None) -> Loaded:
-    """Load the base model (the adapter's, or `base`) and attach `adapter` if given."""
-    from peft import PeftModel
-
-    meta: dict[str, Any] = {}
+def _base_section(names: list[str], metas: dict[str, dict], base: str | None) -> BaseModelSection:
+    """The base model every adapter was trained on (they must agree), or `base` if given."""
     section = BaseModelSection()
-    if adapter:
-        meta = adapters.load_meta(store, adapter)
-        recipe_base = meta.get("recipe", {}).get("base_model")
+    if names:
+        recipe_base = metas[names[0]].get("recipe", {}).get("base_model")
         if recipe_base:
             section = BaseModelSection.model_validate(recipe_base)
         elif base is None:
-            raise LorakitError(f"adapter {adapter!r} does not record its base model; pass --base")
+            raise LorakitError(f"adapter {names[0]!r} does not record its base model; pass --base")
+        refs = {n: metas[n].get("base_model", {}).get("reference") for n in names}
+        if len(set(refs.values())) > 1:
+            listed = ", ".join(f"{n}: {r}" for n, r in refs.items())
+            raise LorakitError(f"these adapters were trained on different base models ({listed}); use one at a time")
     if base:
         section = section.model_copy(update={"name": base})
+    return section
+
+
+def load(store: str | Path, adapter: str | list[str] | None, base: str | None = None) -> Loaded:
+    """Load the base model (the adapters', or `base`) once and attach each adapter by name."""
+    from peft import PeftModel
+
+    names = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    metas = {n: adapters.load_meta(store, n) for n in names}
+    section = _base_section(names, metas, base)
     ref = models.resolve(section.name, section.revision)
-    if adapter and not base:
-        check_base(meta, ref)
+    if not base:
+        for n in names:
+            check_base(metas[n], ref)
     tokenizer = models.load_tokenizer(ref, section.trust_remote_code)
-    template = meta.get("tokenizer", {}).get("chat_template")
+    template = metas[names[0]].get("tokenizer", {}).get("chat_template") if names else None
     if template:
         tokenizer.chat_template = template
     compute = torch.bfloat16 if section.quantization != "none" else None
     model = models.load_model(ref, section, compute=compute)
-    if adapter:
-        model = PeftModel.from_pretrained(model, str(adapters.adapter_dir(store, adapter)))
+    for i, n in enumerate(names):
+        path = str(adapters.adapter_dir(store, n))
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=n)
+        else:
+            model.load_adapter(path, adapter_name=n)
     model.eval()
-    return Loaded(model, tokenizer, meta, adapter)
+    first = names[0] if names else None
+    return Loaded(model, tokenizer, metas.get(first, {}), first, names, metas)
 
 
 def format_prompt(tokenizer, prompt: str, style: str) -> str:
@@ -82,13 +100,17 @@ def generate(
     top_p: float = 0.9,
     seed: int = 0,
     use_adapter: bool = True,
+    adapter: str | None = None,
     streamer=None,
 ) -> str:
-    """Generate a continuation; `use_adapter=False` runs the same model with its adapter disabled."""
+    """Generate a continuation with `adapter` (default: the first loaded); `use_adapter=False` runs
+    the same model with its adapters disabled, i.e. the base model."""
     from contextlib import nullcontext
 
     tok = loaded.tokenizer
-    style = style or loaded.meta.get("tokenizer", {}).get("prompt_style", "raw")
+    adapter = adapter or loaded.adapter
+    meta = loaded.metas.get(adapter, loaded.meta) if adapter else loaded.meta
+    style = style or meta.get("tokenizer", {}).get("prompt_style", "raw")
     text = format_prompt(tok, prompt, style)
     inputs = tok(text, return_tensors="pt", add_special_tokens=style != "chat")
     dev = next(loaded.model.parameters()).device
@@ -107,6 +129,8 @@ def generate(
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     torch.manual_seed(seed)
+    if adapter and use_adapter:
+        loaded.model.set_adapter(adapter)
     off = loaded.model.disable_adapter() if (loaded.adapter and not use_adapter) else nullcontext()
     with off, torch.no_grad():
         out = loaded.model.generate(**inputs, **kwargs)
