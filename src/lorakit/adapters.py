@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +140,105 @@ def list_adapters(store: str | Path) -> list[dict[str, Any]]:
             meta = {}
         if not isinstance(meta, dict):
             meta = {}
-        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        rows.append(
-            {
-                "name": d.name,
-                "base_model": meta.get("base_model", {}).get("reference", "?"),
-                "method": meta.get("method", "imported"),
-                "r": meta.get("recipe", {}).get("lora", {}).get("r"),
-                "size": size,
-                "created": meta.get("created", ""),
-                "eval_loss": meta.get("metrics", {}).get("eval_loss_after"),
-            }
-        )
+        rows.append(_row(d, meta))
     return rows
+
+
+def _row(d: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    try:
+        config = json.loads((d / REQUIRED[0]).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = {}
+    targets = meta.get("target_modules") or config.get("target_modules") or []
+    return {
+        "name": d.name,
+        "base_model": meta.get("base_model", {}).get("reference") or config.get("base_model_name_or_path") or "?",
+        "method": meta.get("method", "imported"),
+        "r": meta.get("recipe", {}).get("lora", {}).get("r", config.get("r")),
+        "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
+        "trainable_params": meta.get("trainable_params"),
+        "size": sum(f.stat().st_size for f in d.rglob("*") if f.is_file()),
+        "created": meta.get("created", ""),
+        "eval_loss": meta.get("metrics", {}).get("eval_loss_after"),
+        "imported": bool(meta.get("imported")),
+    }
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    tmp = path / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    tmp.replace(path / META_FILE)
+
+
+def _place(src: Path, store: str | Path, name: str, overwrite: bool, meta: dict[str, Any] | None) -> Path:
+    """Copy an adapter folder into the store as `name`, atomically; rewrite its lorakit.json."""
+    final = adapter_dir(store, name)
+    if exists(store, name) and not overwrite:
+        raise LorakitError(f"adapter {name!r} already exists in {final.parent}; use --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"))
+        if meta is not None:
+            _write_meta(tmp, meta)
+            (tmp / "README.md").write_text(model_card(name, meta))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as e:
+        raise LorakitError(f"could not write adapter {name!r} to {final.parent}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def copy_adapter(store: str | Path, src: str, dst: str, overwrite: bool = False) -> Path:
+    meta = load_meta(store, src)
+    return _place(adapter_dir(store, src), store, dst, overwrite, {**meta, "name": dst, "copied_from": src})
+
+
+def rename_adapter(store: str | Path, src: str, dst: str) -> Path:
+    meta = load_meta(store, src)
+    target = adapter_dir(store, dst)
+    if target.exists():
+        raise LorakitError(f"adapter {dst!r} already exists in {target.parent}; remove it first")
+    _write_meta(adapter_dir(store, src), {**meta, "name": dst})
+    adapter_dir(store, src).rename(target)  # one atomic step within the store
+    return target
+
+
+def import_adapter(store: str | Path, path: Path, name: str | None = None, overwrite: bool = False) -> Path:
+    """Register a PEFT LoRA adapter made elsewhere, with what its adapter_config.json says."""
+    path = Path(path)
+    if not (path / REQUIRED[0]).is_file():
+        raise LorakitError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    if not (path / REQUIRED[1]).is_file():
+        hint = " (only adapter_model.bin: load it in PEFT and save again as safetensors)"
+        raise LorakitError(
+            f"{path}: no adapter_model.safetensors{hint if (path / 'adapter_model.bin').exists() else ''}"
+        )
+    try:
+        config = json.loads((path / REQUIRED[0]).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LorakitError(f"{path / REQUIRED[0]}: unreadable") from None
+    if config.get("peft_type") not in (None, "LORA"):
+        raise LorakitError(f"{path}: a {config.get('peft_type')} adapter; lorakit handles LoRA adapters")
+    name = name or path.resolve().name
+    base = config.get("base_model_name_or_path")
+    targets = config.get("target_modules") or []
+    meta = {
+        "name": name,
+        "imported": True,
+        "imported_from": str(path.resolve()),
+        "method": "DoRA" if config.get("use_dora") else "LoRA",
+        "base_model": {"reference": base, "fingerprint": None},
+        "recipe": {"lora": {"r": config.get("r")}, **({"base_model": {"name": base}} if base else {})},
+        "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
+        "lora_alpha": config.get("lora_alpha"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return _place(path, store, name, overwrite, meta)
 
 
 def remove_adapter(store: str | Path, name: str, confirm: Callable[[Path], bool] | None = None) -> Path | None:

@@ -261,20 +261,65 @@ def generate(
 @user_errors
 def adapters_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    base: Annotated[str | None, typer.Option(help="Only adapters whose base model contains this text.")] = None,
     store: StoreOpt = "adapters",
 ):
     """List the adapters in the store."""
     from lorakit.adapters import list_adapters
 
-    rows = list_adapters(store)
+    rows = [r for r in list_adapters(store) if base is None or base in str(r["base_model"])]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = _table("name", "base model", "method", "r", "size", "eval loss", "created")
+    table = _table("name", "base model", "method", "r", "targets", "params", "size", "eval loss", "created")
     for r in rows:
         loss = f"{r['eval_loss']:.4f}" if isinstance(r["eval_loss"], float) else "-"
-        table.add_row(r["name"], r["base_model"], r["method"], str(r["r"]), _size(r["size"]), loss, r["created"])
-    console.print(table if rows else f"no adapters in {Path(store).resolve()}")
+        method = r["method"] + (" (imported)" if r["imported"] else "")
+        cells = [r["name"], r["base_model"], method, str(r["r"]), ",".join(r["target_modules"]),
+                 _num(r["trainable_params"]), _size(r["size"]), loss, r["created"][:16]]  # fmt: skip
+        table.add_row(*(escape(str(c)) for c in cells))
+    console.print(table if rows else f"no adapters in {escape(str(Path(store).resolve()))}")
+
+
+@adapters_app.command("cp")
+@user_errors
+def adapters_cp(
+    src: Annotated[str, typer.Argument(help="Adapter to copy.")],
+    dst: Annotated[str, typer.Argument(help="New name.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter named DST.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Copy an adapter under a new name."""
+    from lorakit.adapters import copy_adapter
+
+    say(f"copied {src!r} to {copy_adapter(store, src, dst, overwrite)}")
+
+
+@adapters_app.command("rename")
+@user_errors
+def adapters_rename(
+    src: Annotated[str, typer.Argument(help="Adapter to rename.")],
+    dst: Annotated[str, typer.Argument(help="New name.")],
+    store: StoreOpt = "adapters",
+):
+    """Rename an adapter (one atomic step)."""
+    from lorakit.adapters import rename_adapter
+
+    say(f"renamed {src!r} to {rename_adapter(store, src, dst)}")
+
+
+@adapters_app.command("import")
+@user_errors
+def adapters_import(
+    path: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder made elsewhere.")],
+    name: Annotated[str | None, typer.Option(help="Name in the store (default: the folder's name).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter of that name.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Register a PEFT adapter made elsewhere (marked as imported)."""
+    from lorakit.adapters import import_adapter
+
+    say(f"imported {path} as {import_adapter(store, path, name, overwrite)}")
 
 
 @adapters_app.command("show")
