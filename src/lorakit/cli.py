@@ -492,5 +492,60 @@ def merge(
     )
 
 
+# --- export -----------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def export(
+    source: Annotated[str, typer.Argument(help="A merged model folder, or an adapter name (merged first).")],
+    format_: Annotated[str, typer.Option("--format", help="hf (model folder), gguf (one file) or ollama.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder (hf, ollama) or .gguf file (gguf) to write.")],
+    quant: Annotated[str, typer.Option(help="GGUF weight type: f32, f16 or q8_0.")] = "f16",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Export a merged model (or an adapter, merged first) as a model folder, a GGUF file, or for Ollama."""
+    quiet_libraries()
+    from lorakit.export import export_model
+
+    with console.status(f"exporting {escape(source)}"):
+        path = export_model(source, format_, out, quant, overwrite=overwrite, store=store, say=say)
+    console.print(f"[green]wrote[/] {escape(str(path))} ({format_})", highlight=False)
+    if format_ == "ollama":
+        say(f"create the Ollama model with: cd {path} && ollama create NAME -f Modelfile")
+
+
+# --- eval -------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    data: Annotated[Path, typer.Option("--data", help="Data file or folder to evaluate on.")],
+    format_: Annotated[str, typer.Option("--format", help="text, completion, instruction or chat.")] = "text",
+    adapter: Annotated[list[str] | None, typer.Option(help="Adapter name in the store; repeat for several.")] = None,
+    base_only: Annotated[bool, typer.Option("--base-only", help="Include the base model alone.")] = False,
+    model: Annotated[list[str] | None, typer.Option(help="A merged model folder; repeat for several.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model reference (default: the adapters').")] = None,
+    block_size: Annotated[int, typer.Option(min=2, help="Tokens per evaluated block.")] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Loss and perplexity on a data file: base, adapters and merged models side by side."""
+    quiet_libraries()
+    from lorakit.evaluate import evaluate
+
+    with console.status("evaluating"):
+        rows = evaluate(data, format_, adapter, base_only, model, store=store, base=base, block_size=block_size)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = _table("model", "loss", "perplexity", "tokens")
+    for r in rows:
+        table.add_row(escape(r["model"]), f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['tokens']:,}")
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()
