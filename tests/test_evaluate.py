@@ -20,6 +20,14 @@ from test_merge import trained
 TIDES = RECIPES / "data" / "tides.txt"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """CLI subprocesses on one thread: on a busy 2-core machine the tiny models run far slower on two."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 def direct_loss(model, blocks) -> float:
     """transformers' own loss (mean over a block's supervised tokens), weighted by each block's count."""
     total, count = 0.0, 0

@@ -21,6 +21,14 @@ ATOL = {"f32": 1e-5, "f16": 2e-3, "q8_0": 3e-2}
 SAMPLE = "<|im_start|>user\nWhen does the tide turn?  Twice a day, 12 hours 25 minutes apart.<|im_end|>\n"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """CLI subprocesses on one thread: on a busy 2-core machine the tiny models run far slower on two."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 def quiet(*_):
     pass
 
