@@ -492,3 +492,11 @@ def test_cli_schema_prints_json(tmp_path):
     res = run_cli("recipe", "schema", cwd=tmp_path, timeout=60)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == json.loads(json.dumps(recipe_json_schema()))
+
+
+@pytest.mark.parametrize(("text", "want"), [("on", "on"), ("off", "off"), ("true", "on"), ("auto", "auto")])
+def test_gradient_checkpointing_accepts_yaml_on_off(tmp_path, text, want):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"data:\n  sources: [{{path: x.txt}}]\ntrain:\n  gradient_checkpointing: {text}\n")
+    assert load_recipe(path).train.gradient_checkpointing == want
+    assert load_recipe(path, [f"train.gradient_checkpointing={text}"]).train.gradient_checkpointing == want

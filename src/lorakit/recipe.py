@@ -196,6 +196,12 @@ class TrainSection(Section):
     )
     keep_checkpoints: int = Field(2, gt=0, description="How many checkpoints to keep.")
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `on`/`off` as a boolean.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
 
 class OutputSection(Section):
     name: str | None = Field(None, description="Adapter name in the store. Default: the recipe file's name.")
