@@ -175,3 +175,33 @@ def test_qlora_trains_on_cpu(tiny_llama, tmp_path):
     assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"]
     loaded = generate.load(tmp_path / "adapters", "tiny")
     assert any("Linear4bit" in type(m).__name__ for m in loaded.model.modules())
+
+
+def _qlora_grads(tiny_llama, evaluate_first: bool, keep_trainable: bool) -> dict[str, torch.Tensor]:
+    section = validate_recipe(tiny_recipe(tiny_llama, TIDES, base_model={"quantization": "4bit"}), "t").base_model
+    model = models.load_model(models.resolve(str(tiny_llama)), section, compute=torch.bfloat16)
+    if keep_trainable:
+        assert models.keep_4bit_trainable_on_cpu(model) == 14
+    torch.manual_seed(0)  # the same random LoRA weights in every call
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(3, 500, (1, 32), generator=torch.Generator().manual_seed(0))
+    if evaluate_first:  # what trainer.evaluate() does before training
+        peft.eval()
+        with torch.no_grad():
+            peft(input_ids=ids)
+    peft.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.float().clone() for n, p in peft.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.skipif(not __import__("lorakit.train").train.cpu_has_bf16(), reason="needs a CPU with AVX512-BF16")
+def test_qlora_gradients_survive_an_evaluation_before_training(tiny_llama):
+    """bitsandbytes repacks 4-bit weights for inference on an eval forward; lorakit keeps them trainable."""
+    want = _qlora_grads(tiny_llama, evaluate_first=False, keep_trainable=True)
+    got = _qlora_grads(tiny_llama, evaluate_first=True, keep_trainable=True)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
+    # Without the guard, the lower layers' LoRA gradients come out wrong: the guard is what keeps them right.
+    broken = _qlora_grads(tiny_llama, evaluate_first=True, keep_trainable=False)
+    assert any(not torch.allclose(broken[n], want[n], rtol=1e-3, atol=1e-5) for n in want)

@@ -261,6 +261,8 @@ def load_base(recipe: Recipe, ref: models.ModelRef, plan: Plan):
     compute_name = precision_dtype if recipe.base_model.compute_dtype == "auto" else recipe.base_model.compute_dtype
     model = models.load_model(ref, recipe.base_model, compute=models.torch_dtype(compute_name), dev=plan.device)
     model.config.use_cache = False
+    if plan.device.type == "cpu":
+        models.keep_4bit_trainable_on_cpu(model)
     packing = recipe.data.packing
     if packing and not packing_is_isolated(model):
         packing = False
