@@ -40,7 +40,8 @@ def exists(store: str | Path, name: str) -> bool:
     return (adapter_dir(store, name) / META_FILE).exists() or (adapter_dir(store, name) / REQUIRED[0]).exists()
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """Flush every file below `path`, and the folder itself, to disk."""
     for f in path.rglob("*"):
         if f.is_file():
             with f.open("rb") as fh:
@@ -64,7 +65,7 @@ def save_adapter(model, store: str | Path, name: str, meta: dict[str, Any], over
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(model_card(name, meta))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -182,7 +183,7 @@ def _place(src: Path, store: str | Path, name: str, overwrite: bool, meta: dict[
         if meta is not None:
             _write_meta(tmp, meta)
             (tmp / "README.md").write_text(model_card(name, meta))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -284,7 +284,7 @@ def save_merged(model, tokenizer, path: Path) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
-    adapters._fsync_tree(path)
+    adapters.fsync_tree(path)
 
 
 def _load_plain(path: Path):

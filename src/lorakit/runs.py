@@ -10,7 +10,6 @@ marker, so a checkpoint cut short by a crash is never used.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lorakit.adapters import fsync_tree
 from lorakit.errors import LorakitError
 from lorakit.recipe import Recipe
 
@@ -36,18 +36,6 @@ class Interrupted(LorakitError):
         super().__init__(f"interrupted at step {step}; {where}")
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def step_of(path: Path) -> int:
     try:
         return int(path.name.rsplit("-", 1)[-1])
@@ -64,9 +52,9 @@ def checkpoints(run_dir: Path, complete_only: bool = True) -> list[Path]:
 
 
 def mark_complete(ckpt: Path) -> None:
-    _fsync_tree(ckpt)
+    fsync_tree(ckpt)
     (ckpt / MARKER).write_text("ok\n")
-    _fsync_tree(ckpt)
+    fsync_tree(ckpt)
 
 
 def publish(staged: Path, run_dir: Path) -> Path:
