@@ -7,9 +7,10 @@ PROMPT ?= \# Keeper's Log — Gull Rock Light, Week 2
 
 .PHONY: venv demo test test-fast lint format docs bench clean
 
+# torch first: the pinned build (CPU here, CUDA on a GPU machine), so the range in pyproject.toml
+# installs nothing else.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch first: the pinned CPU/CUDA build, so the range in pyproject.toml installs nothing else.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
