@@ -34,9 +34,9 @@ TIDES = RECIPES / "data" / "tides.txt"
 IDS = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
 
 
-def trained(model_dir: Path, tmp: Path, name: str, held_out: bool = False, **sections) -> Path:
+def trained(model_dir: Path, tmp: Path, name: str, held_out: bool = False, data: Path = TIDES, **sections) -> Path:
     """Train adapter `name` on `model_dir` into tmp/adapters (evaluating only if `held_out`); returns the store."""
-    body = tiny_recipe(model_dir, TIDES, **sections)
+    body = tiny_recipe(model_dir, data, **sections)
     body["train"] = {**body["train"], "max_steps": 4, "learning_rate": 2e-2}
     body["data"] = {**body["data"], "eval_split": 0.1 if held_out else 0}
     body["output"] = {"name": name, "store": str(tmp / "adapters"), "runs_dir": str(tmp / "runs")}

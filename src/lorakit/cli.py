@@ -459,8 +459,27 @@ def _size(n: int) -> str:
 @app.command()
 @user_errors
 def merge(
-    name: Annotated[str, typer.Argument(help="Adapter name in the store.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model (must not exist, or be empty).")],
+    names: Annotated[list[str], typer.Argument(help="Adapter name(s) in the store; several to combine them.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the merged model (must not exist, or be empty).")
+    ] = None,
+    into_adapter: Annotated[
+        str | None, typer.Option("--into-adapter", help="Combine several adapters into this new adapter.")
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="One weight per adapter: --weights 0.5 0.3 0.2 or 0.5,0.3,0.2 (default: equal, sum 1)."),
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="How to combine: linear, cat, svd, ties, dare_linear, dare_ties (and their _svd forms).")
+    ] = "cat",
+    density: Annotated[
+        float | None, typer.Option(help="ties/dare/magnitude_prune: the fraction of values kept, in (0, 1].")
+    ] = None,
+    svd_rank: Annotated[
+        int | None, typer.Option(min=1, help="svd methods: rank of the result (default: the largest r).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the dare methods' random drop.")] = 0,
     dtype: Annotated[str, typer.Option(help="dtype of the merged weights: float32, bfloat16 or float16.")] = "float32",
     tolerance: Annotated[
         float | None,
@@ -473,17 +492,78 @@ def merge(
     base: Annotated[
         str | None, typer.Option(help="Base model reference (default: the adapter's); weights must match.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder or --into-adapter.")] = False,
     store: StoreOpt = "adapters",
 ):
-    """Merge an adapter into a full-precision copy of its base: verified, then written as a plain model folder."""
-    quiet_libraries()
-    from lorakit.merge import merge_adapter
+    """Merge an adapter into a full-precision copy of its base (verified, written as a plain model folder),
+    or combine several adapters of one base into a new adapter (--into-adapter) or a merged model (--out)."""
+    names, weight_list = split_weights(names, weights)
+    if len(names) == 1 and weight_list is None and into_adapter is None:
+        if out is None:
+            raise LorakitError("say where the merged model goes: --out DIR")
+        quiet_libraries()
+        from lorakit.merge import merge_adapter
 
-    with console.status(f"merging {escape(name)}"):
-        report = merge_adapter(
-            store, name, out, dtype=dtype, tolerance=tolerance, overwrite=overwrite, base=base, say=say
+        with console.status(f"merging {escape(names[0])}"):
+            report = merge_adapter(
+                store, names[0], out, dtype=dtype, tolerance=tolerance, overwrite=overwrite, base=base, say=say
+            )
+        _merged_message(report)
+        return
+    if out is None and into_adapter is None:
+        raise LorakitError("combining adapters writes a new adapter (--into-adapter NAME) or a model (--out DIR)")
+    from lorakit import combine
+
+    weight_list = combine.check_request(names, weight_list, method, density)
+    quiet_libraries()
+    opts = dict(weights=weight_list, method=method, density=density, svd_rank=svd_rank, seed=seed)
+    with console.status(f"combining {escape(' '.join(names))}"):
+        if out is None:
+            result = combine.combine_adapters(
+                store, names, into_adapter, overwrite=overwrite, base=base, say=say, **opts
+            )
+            console.print(
+                f"[green]wrote adapter[/] {escape(result.name)} ({escape(str(result.path))}); "
+                f"use it with: lorakit generate --adapter {escape(result.name)} PROMPT",
+                highlight=False,
+            )
+            return
+        _, report = combine.combine_and_merge(
+            store, names, out, into_adapter, dtype, tolerance, overwrite, base, say=say, **opts
         )
+    _merged_message(report)
+
+
+def split_weights(names: list[str], weights: str | None) -> tuple[list[str], list[float] | None]:
+    """`--weights 0.5 0.3 0.2` reaches us as --weights 0.5 plus the numbers 0.3 0.2 after the names;
+    `--weights 0.5,0.3,0.2` as one string. Returns (adapter names, weights or None)."""
+    if weights is None:
+        return names, None
+    try:
+        given = [float(w) for w in weights.replace(",", " ").split()]
+    except ValueError:
+        raise LorakitError(f"--weights: expected numbers, got {weights!r}") from None
+    trailing = 0
+    while trailing < len(names) - 1 and _is_number(names[len(names) - 1 - trailing]):
+        trailing += 1
+    # n adapters and n weights: the trailing numbers complete the weights if that makes the counts equal
+    while trailing and len(names) - trailing != len(given) + trailing:
+        trailing -= 1
+    if trailing:
+        given += [float(w) for w in names[len(names) - trailing :]]
+        names = names[: len(names) - trailing]
+    return names, given
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _merged_message(report) -> None:
     size = sum(f.stat().st_size for f in report.out.rglob("*") if f.is_file())
     console.print(
         f"[green]wrote merged model[/] {escape(str(report.out))} ({_size(size)}, {report.seconds:.1f} s); "
