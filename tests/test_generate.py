@@ -74,3 +74,114 @@ def test_cli_side_by_side(two_adapters):
     assert res.returncode == 0, res.stderr
     order = [res.stdout.find(h) for h in ("base model", "adapter first", "adapter second")]
     assert -1 not in order and order == sorted(order), res.stdout
+
+
+def test_prompts_file_runs_one_mixed_batch(two_adapters, tmp_path):
+    """Each row of one batch uses its own adapter (peft's adapter_names) and gives what that adapter
+    gives alone: greedy, so the texts must be equal."""
+    loaded = generate.load(two_adapters / "adapters", ["first", "second"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "At Harrow the tide\n@second High water at\n\n@base The keeper\n"
+        '{"prompt": "Low water", "adapter": "first"}\n{"prompt": "At Harrow the tide", "adapter": "second"}\n'
+    )
+    items = generate.read_prompts(prompts, "first", loaded.adapters)
+    assert [i.adapter for i in items] == ["first", "second", None, "first", "second"]
+    calls = []
+    real = loaded.model.generate
+    loaded.model.generate = lambda **kw: calls.append(kw) or real(**kw)
+    opts = {"max_new_tokens": 6, "temperature": 0.0}
+    outs = generate.generate_batch(loaded, items, **opts)
+    loaded.model.generate = real
+    assert len(calls) == 1 and calls[0]["adapter_names"] == ["first", "second", "__base__", "first", "second"]
+    for item, out in zip(items, outs, strict=True):
+        alone = generate.generate(
+            loaded, item.prompt, adapter=item.adapter, use_adapter=item.adapter is not None, **opts
+        )
+        assert out == alone, item
+    # the first step's logits of each row equal that prompt alone with its adapter; rows 0 and 4 differ
+    ids, mask = generate.encode_batch(loaded, items, None, loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        batch = loaded.model(input_ids=ids, attention_mask=mask, adapter_names=generate.adapter_names(items)).logits
+    for row, item in enumerate(items):
+        alone_ids = ids[row : row + 1, mask[row].bool()]
+        torch.testing.assert_close(batch[row, -1], logits(loaded, item.adapter, alone_ids)[0, -1], rtol=1e-4, atol=1e-5)
+    assert (batch[0, -1] - batch[4, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("@third hello\n", "adapter 'third' is not loaded"),
+        ('{"adapter": "first"}\n', "expected"),
+        ("{not json\n", "not valid JSON"),
+        ("\n\n", "no prompts"),
+        ("@first\n", "empty prompt"),
+    ],
+)
+def test_bad_prompts_files(tmp_path, text, message):
+    path = tmp_path / "p.txt"
+    path.write_text(text)
+    with pytest.raises(LorakitError, match=message):
+        generate.read_prompts(path, "first", ["first", "second"])
+
+
+def test_cli_prompts_json(two_adapters, tmp_path):
+    import json
+
+    (tmp_path / "p.txt").write_text("@second At Harrow\n@base At Harrow\n")
+    res = run_cli(
+        "generate", "--adapter", "first", "--adapter", "second", "--prompts", str(tmp_path / "p.txt"),
+        "--temperature", "0", "--max-new-tokens", "4", "--json", cwd=two_adapters,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(r["prompt"], r["adapter"]) for r in rows] == [("At Harrow", "second"), ("At Harrow", None)]
+    res = run_cli("generate", "--adapter", "first", "--prompts", str(tmp_path / "nope.txt"), cwd=two_adapters)
+    assert res.returncode == 2 and "cannot read the prompts file" in " ".join(res.stderr.split())
+
+
+def test_chat_reply_uses_the_template_and_history(two_adapters):
+    loaded = generate.load(two_adapters / "adapters", "first")
+    messages = [
+        {"role": "user", "content": "When is high water?"},
+        {"role": "assistant", "content": "At noon."},
+        {"role": "user", "content": "And low water?"},
+    ]
+    reply = generate.chat_reply(loaded, messages, max_new_tokens=6, temperature=0.0)
+    text = loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "At noon." in text and text.endswith("<|im_start|>assistant\n")
+    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = loaded.model.generate(
+            **ids, max_new_tokens=6, do_sample=False, eos_token_id=loaded.tokenizer.eos_token_id
+        )
+    assert reply == loaded.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_chat_loop_keeps_history_and_resets(two_adapters, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lorakit import cli
+
+    seen = []
+    real = generate.chat_reply
+
+    def spy(loaded, messages, **kw):
+        seen.append([dict(m) for m in messages])
+        return real(loaded, messages, **kw)
+
+    monkeypatch.setattr(generate, "chat_reply", spy)
+    monkeypatch.chdir(two_adapters)
+    res = CliRunner().invoke(
+        cli.app,
+        ["chat", "--adapter", "first", "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "3"],
+        input="hello\nmore\n/reset\nagain\n",
+    )
+    assert res.exit_code == 0, res.output
+    assert [[m["role"] for m in s] for s in seen] == [
+        ["system", "user"],
+        ["system", "user", "assistant", "user"],
+        ["system", "user"],  # after /reset: the system message only
+    ]
+    assert seen[1][1]["content"] == "hello" and seen[1][3]["content"] == "more" and seen[2][1]["content"] == "again"
