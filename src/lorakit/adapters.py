@@ -53,8 +53,13 @@ def fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def save_adapter(model, store: str | Path, name: str, meta: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write `model` (a PeftModel) as adapter `name`; replace an existing one only with `overwrite`."""
+def save_adapter(
+    model, store: str | Path, name: str, meta: dict[str, Any], overwrite: bool = False, state_dict=None
+) -> Path:
+    """Write `model` (a PeftModel) as adapter `name`; replace an existing one only with `overwrite`.
+
+    `state_dict`: the model's weights gathered from several processes (FSDP, DeepSpeed), if they are sharded.
+    """
     final = adapter_dir(store, name)
     if exists(store, name) and not overwrite:
         raise LorakitError(f"adapter {name!r} already exists in {final.parent}; use --overwrite to replace it")
@@ -62,7 +67,7 @@ def save_adapter(model, store: str | Path, name: str, meta: dict[str, Any], over
     tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     old = final.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(model_card(name, meta))
         fsync_tree(tmp)

@@ -167,14 +167,54 @@ class Checkpoints(TrainerCallback):
             prune(self.run_dir, self.keep)
 
 
+class EvalBefore(TrainerCallback):
+    """The loss of the evaluation the trainer runs before its first step, added to run.json by the main process.
+
+    The trainer runs it (`eval_on_start`) once the model is prepared for training. Calling `trainer.evaluate()`
+    before `trainer.train()` instead prepares the model for evaluation only, and under DDP training then skips
+    the wrapping that averages gradients: every process would train its own copy.
+    """
+
+    def __init__(self, run_dir: Path, info: dict[str, Any]):
+        self.run_dir = run_dir
+        self.info = info
+        self.loss = info.get("eval_loss_before")
+        self.seconds = 0.0  # not training time
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if state.global_step == 0 and self.loss is None and metrics:
+            self.loss = metrics.get("eval_loss")
+            self.seconds = metrics.get("eval_runtime", 0.0)
+            if state.is_world_process_zero:
+                write_run(self.run_dir, {**self.info, "eval_loss_before": self.loss})
+
+
+def any_process(flag: bool, device) -> bool:
+    """True if `flag` is set in any process of a distributed run (in this process alone otherwise)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class GracefulStop(TrainerCallback):
-    """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. A second one aborts at once."""
+    """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. A second one aborts at once.
+
+    Under torchrun / accelerate every process gets the signal, though not necessarily in the same step: all
+    processes stop at the first step end where any of them has it (one that kept training would wait
+    forever for the others in its next gradient exchange).
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, say=print):
         self.say = say
-        self.requested = False
+        self.requested = False  # a signal reached this process
+        self.stopping = False  # every process stops after this step
         self.previous: dict[int, Any] = {}
 
     def request(self, signum=None, frame=None) -> None:
@@ -191,7 +231,8 @@ class GracefulStop(TrainerCallback):
             self.previous = {}
 
     def on_step_end(self, args, state, control, **kw):
-        if self.requested:
+        self.stopping = any_process(self.requested, args.device)
+        if self.stopping:
             control.should_save = True
             control.should_training_stop = True
 

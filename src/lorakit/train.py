@@ -76,18 +76,25 @@ def sft_trainer_class():
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         def _save_checkpoint(self, model, trial):
-            """Write the checkpoint in a staging folder, flush it, mark it complete, rename it into place."""
-            if self.args.world_size > 1:  # every rank writes its own files: rely on the marker alone
-                return super()._save_checkpoint(model, trial)
+            """Write the checkpoint in a staging folder, flush it, mark it complete, rename it into place.
+
+            With several processes each writes its own files (its RNG state; its shards under FSDP/DeepSpeed)
+            into the staging folder; the main process publishes the checkpoint once all of them are done.
+            """
             run_dir = Path(self.args.output_dir)
             staging = run_dir / runs.STAGING
-            shutil.rmtree(staging, ignore_errors=True)
+            if self.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             self.args.output_dir = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = str(run_dir)
-            runs.publish(staging / f"checkpoint-{self.state.global_step}", run_dir)
+            self.accelerator.wait_for_everyone()
+            if self.is_world_process_zero():
+                runs.publish(staging / f"checkpoint-{self.state.global_step}", run_dir)
+            self.accelerator.wait_for_everyone()
 
     return LorakitSFTTrainer
 
@@ -110,7 +117,7 @@ def build_lora_config(recipe: Recipe, targets: list[str] | str, fan_in_fan_out: 
     )
 
 
-def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, packing: bool, has_eval: bool):
+def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, packing: bool, has_eval: bool, eval_first=False):
     from trl import SFTConfig
 
     t = recipe.train
@@ -137,6 +144,7 @@ def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, packing: bool, h
         logging_first_step=True,
         eval_strategy="steps" if (t.eval_every and has_eval) else "no",
         eval_steps=t.eval_every,
+        eval_on_start=has_eval and eval_first,
         save_strategy="steps" if t.save_every else "no",
         save_steps=t.save_every or 500,
         save_total_limit=None,  # lorakit prunes, never deleting the newest complete checkpoint
@@ -202,6 +210,8 @@ class RunLog(TrainerCallback):
             row["tokens_seen"] = seen
             row["tokens_per_second"] = round((seen - self.last_tokens) / max(now - self.last_time, 1e-9), 1)
             self.last_time, self.last_tokens = now, seen
+        elif "eval_loss" in logs:  # evaluation time is not training time
+            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
         row["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.history.append(row)
         with self.path.open("a") as f:
@@ -290,10 +300,32 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _quiet(message: str) -> None:
+    """What the other processes of a distributed run say: nothing (the main process speaks for all)."""
+
+
+def check_launch(recipe: Recipe) -> None:
+    """Refuse, before anything loads, a launch that shards weights lorakit keeps quantized."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # set by `accelerate launch`
+        sharding = "FSDP"
+    elif os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        sharding = "DeepSpeed ZeRO-3"
+    else:
+        return
+    if recipe.base_model.quantization != "none":
+        raise LorakitError(
+            f"base_model.quantization {recipe.base_model.quantization} cannot be combined with {sharding}: "
+            "lorakit keeps quantized weights as integers, which it cannot shard; "
+            "train a quantized base with DDP instead (examples/multi-gpu/ddp.yaml, or torchrun)"
+        )
+
+
 def train(
     recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False, show=None, say=print
 ) -> TrainResult:
     """Run one recipe end to end and write its adapter to the store."""
+    say = say if is_main_process() else _quiet
+    check_launch(recipe)
     ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite or resume)
     key = runs.resume_key(recipe, models.weights_fingerprint(ref), content_hash(recipe.data))
     run_dir, resume_from, run_info = prepare_run_dir(recipe, key, overwrite, resume, force)
@@ -308,15 +340,21 @@ def train(
     )
     train_ds, eval_ds = data.datasets()
     stop = runs.GracefulStop(say)
+    info = (
+        run_info
+        if resume_from
+        else {"resume_key": key, "eval_loss_before": None, "recipe": recipe.model_dump(mode="json")}
+    )
+    before = runs.EvalBefore(run_dir, info)
     trainer = sft_trainer_class()(
         model=model,
-        args=build_sft_config(recipe, run_dir, plan, packing, eval_ds is not None),
+        args=build_sft_config(recipe, run_dir, plan, packing, eval_ds is not None, eval_first=not resume_from),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=build_lora_config(recipe, targets, fan_in_fan_out),
         callbacks=[RunLog(run_dir / "metrics.jsonl", show or NullDisplay()),
-                   runs.Checkpoints(run_dir, recipe.train.keep_checkpoints), stop],
+                   runs.Checkpoints(run_dir, recipe.train.keep_checkpoints), stop, before],
     )  # fmt: skip
     from transformers.trainer_callback import PrinterCallback
 
@@ -325,23 +363,18 @@ def train(
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if resume_from:
         say(f"resuming from {resume_from}")
-        eval_before = run_info.get("eval_loss_before")
-    else:
-        eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
-        if is_main_process():
-            runs.write_run(
-                run_dir, {"resume_key": key, "eval_loss_before": eval_before, "recipe": recipe.model_dump(mode="json")}
-            )
+    elif is_main_process():
+        runs.write_run(run_dir, info)  # the evaluation before the first step adds its loss (runs.EvalBefore)
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume_from)
-    if stop.requested:
+    if stop.stopping:
         done = runs.checkpoints(run_dir)
         raise runs.Interrupted(trainer.state.global_step, done[-1] if done else None)
-    runtime = time.perf_counter() - started
+    runtime = time.perf_counter() - started - before.seconds
     eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
     metrics = {
         "train_loss": out.training_loss,
-        "eval_loss_before": eval_before,
+        "eval_loss_before": before.loss,
         "eval_loss_after": eval_after,
         "eval_perplexity_after": math.exp(eval_after) if eval_after is not None else None,
         "steps": trainer.state.global_step,
@@ -399,10 +432,19 @@ def build_meta(recipe, ref, config, tokenizer, targets, trainable, data, plan, p
 
 
 def plan_save(trainer, recipe: Recipe, meta: dict, overwrite: bool) -> Path:
+    """The main process writes the adapter; the others return once it is in place.
+
+    FSDP and DeepSpeed shard the weights: every process takes part in gathering them first.
+    """
     store = Path(recipe.output.store)
-    if not trainer.is_world_process_zero():
-        return adapters.adapter_dir(store, recipe.adapter_name)
-    return adapters.save_adapter(trainer.model, store, recipe.adapter_name, meta, overwrite=overwrite)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+    path = adapters.adapter_dir(store, recipe.adapter_name)
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        path = adapters.save_adapter(model, store, recipe.adapter_name, meta, overwrite, state_dict=state_dict)
+    trainer.accelerator.wait_for_everyone()
+    return path
 
 
 def _data_summary(data: Prepared) -> str:
