@@ -1,0 +1,100 @@
+"""The `lorakit` command: one thin verb per capability; errors become messages and exit codes.
+
+This module holds what the verbs share; they live in `training` (train, recipe, models), `using`
+(generate, chat, eval), `store` (adapters) and `deploy` (merge, export)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lorakit.errors import LorakitError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Recipe-driven LoRA/QLoRA fine-tuning.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their schema.")
+models_app = typer.Typer(no_args_is_help=True, help="The embedded model cache.")
+adapters_app = typer.Typer(no_args_is_help=True, help="The adapter store.")
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(models_app, name="models")
+app.add_typer(adapters_app, name="adapters")
+
+console = Console()
+err = Console(stderr=True)
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 3  # stopped on Ctrl-C/SIGTERM with a checkpoint written: resumable
+
+StoreOpt = Annotated[str, typer.Option("--store", help="Adapter store folder.", envvar="LORAKIT_STORE")]
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, notes) out of the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("bitsandbytes", "transformers", "peft", "trl", "datasets", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def say(message: str) -> None:
+    """Print a plain message (paths and names may hold '[...]': never read them as markup)."""
+    console.print(escape(message), highlight=False)
+
+
+def user_errors(fn):
+    """Show a LorakitError as a message (exit 2), Ctrl-C as a short note (exit 130)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LorakitError as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            raise typer.Exit(EXIT_INPUT) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def num(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4f}"
+    return f"{x:,}" if isinstance(x, int) else "-" if x is None else str(x)
+
+
+def new_table(*columns: str) -> Table:
+    """A table whose cells wrap instead of being cut with an ellipsis on narrow terminals and pipes."""
+    table = Table()
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    return table
+
+
+def size_text(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# The verbs register themselves on `app` when imported.
+from lorakit.cli import training, using, store, deploy  # noqa: E402, F401, I001  (this order in --help)

@@ -1,0 +1,200 @@
+"""`lorakit adapters ...`: the adapter store."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from lorakit.cli import (
+    StoreOpt,
+    adapters_app,
+    console,
+    new_table,
+    num,
+    say,
+    size_text,
+    user_errors,
+)
+from lorakit.errors import LorakitError
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+@adapters_app.command("list")
+@user_errors
+def adapters_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    base: Annotated[str | None, typer.Option(help="Only adapters whose base model contains this text.")] = None,
+    store: StoreOpt = "adapters",
+):
+    """List the adapters in the store."""
+    from lorakit.adapters import list_adapters
+
+    rows = [r for r in list_adapters(store) if base is None or base in str(r["base_model"])]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = new_table("name", "base model", "method", "r", "targets", "params", "size", "eval loss", "created")
+    for r in rows:
+        loss = f"{r['eval_loss']:.4f}" if isinstance(r["eval_loss"], float) else "-"
+        method = r["method"] + (" (imported)" if r["imported"] else "")
+        cells = [r["name"], r["base_model"], method, str(r["r"]), ",".join(r["target_modules"]),
+                 num(r["trainable_params"]), size_text(r["size"]), loss, r["created"][:16]]  # fmt: skip
+        table.add_row(*(escape(str(c)) for c in cells))
+    console.print(table if rows else f"no adapters in {escape(str(Path(store).resolve()))}")
+
+
+@adapters_app.command("cp")
+@user_errors
+def adapters_cp(
+    src: Annotated[str, typer.Argument(help="Adapter to copy.")],
+    dst: Annotated[str, typer.Argument(help="New name.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter named DST.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Copy an adapter under a new name."""
+    from lorakit.adapters import copy_adapter
+
+    say(f"copied {src!r} to {copy_adapter(store, src, dst, overwrite)}")
+
+
+@adapters_app.command("rename")
+@user_errors
+def adapters_rename(
+    src: Annotated[str, typer.Argument(help="Adapter to rename.")],
+    dst: Annotated[str, typer.Argument(help="New name.")],
+    store: StoreOpt = "adapters",
+):
+    """Rename an adapter (one atomic step)."""
+    from lorakit.adapters import rename_adapter
+
+    say(f"renamed {src!r} to {rename_adapter(store, src, dst)}")
+
+
+@adapters_app.command("import")
+@user_errors
+def adapters_import(
+    path: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder made elsewhere.")],
+    name: Annotated[str | None, typer.Option(help="Name in the store (default: the folder's name).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter of that name.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Register a PEFT adapter made elsewhere (marked as imported)."""
+    from lorakit.adapters import import_adapter
+
+    say(f"imported {path} as {import_adapter(store, path, name, overwrite)}")
+
+
+@adapters_app.command("show")
+@user_errors
+def adapters_show(
+    name: Annotated[str, typer.Argument(help="Adapter name in the store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print its lorakit.json (machine-readable).")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Show how an adapter was made: base model, method, targets, data mix, metrics, versions, recipe."""
+    import yaml
+
+    from lorakit.adapters import adapter_dir, load_meta
+
+    meta = load_meta(store, name)
+    if as_json:
+        print(json.dumps(meta, indent=2))
+        return
+    path = adapter_dir(store, name)
+    console.rule(f"[bold]{escape(name)}")
+    say(str(path))
+    if meta.get("imported"):
+        say("imported adapter: no lorakit.json, so no recipe, data or metrics are recorded; " + _peft_summary(path))
+        return
+    console.print(_adapter_facts(meta))
+    console.print(_adapter_mix(meta))
+    console.rule("recipe (resolved)")
+    say(yaml.safe_dump(meta.get("recipe", {}), sort_keys=False).rstrip())
+
+
+def _adapter_facts(meta: dict) -> Table:
+    base, metrics, plan = meta.get("base_model", {}), meta.get("metrics", {}), meta.get("plan", {})
+    lora = meta.get("recipe", {}).get("lora", {})
+    flags = [flag for flag, on in (("DoRA", lora.get("use_dora")), ("rsLoRA", lora.get("use_rslora"))) if on]
+    ppl = metrics.get("eval_perplexity_after")
+    rows = [
+        ("method", meta.get("method", "?") + (f" ({', '.join(flags)})" if flags else "")),
+        ("base model", f"{base.get('reference')} ({base.get('architecture', '?')})"),
+        *([("base path", base["path"])] if base.get("path") not in (None, base.get("reference")) else []),
+        ("base weights", base.get("fingerprint") or "not recorded"),
+        ("base quantization", base.get("quantization", "none")),
+        ("rank / alpha / dropout", f"{lora.get('r')} / {meta.get('lora_alpha')} / {lora.get('dropout')}"),
+        ("target modules", ", ".join(meta.get("target_modules", []))),
+        ("trainable parameters", num(meta.get("trainable_params"))),
+        ("steps / tokens", f"{metrics.get('steps')} / {num(metrics.get('train_tokens_seen'))}"),
+        (
+            "eval loss",
+            f"{num(metrics.get('eval_loss_before'))} -> {num(metrics.get('eval_loss_after'))}"
+            + (f" (perplexity {ppl:.2f})" if isinstance(ppl, float) else ""),
+        ),
+        ("speed", f"{metrics.get('tokens_per_second')} tokens/s over {metrics.get('train_runtime_s')} s"),
+        ("trained on", f"{plan.get('device')}, {plan.get('precision')}, packing {plan.get('packing')}"),
+        ("seed / created", f"{meta.get('seed')} / {meta.get('created')}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
+    ]
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, escape(str(value)))
+    return table
+
+
+def _adapter_mix(meta: dict) -> Table:
+    table = new_table("share", "training tokens", "weight", "documents", "format", "data source")
+    for s in meta.get("data", {}).get("sources", []):
+        share = s.get("share")
+        table.add_row(
+            f"{share:.1%}" if isinstance(share, float | int) else "-",
+            num(s.get("train_tokens")),
+            str(s.get("weight")),
+            num(s.get("documents")),
+            str(s.get("format")),
+            escape(str(s.get("path"))),
+        )
+    return table
+
+
+def _peft_summary(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return "adapter_config.json is unreadable"
+    return f"adapter_config.json: base {cfg.get('base_model_name_or_path')}, r {cfg.get('r')}, " + (
+        f"targets {cfg.get('target_modules')}"
+    )
+
+
+@adapters_app.command("rm")
+@user_errors
+def adapters_rm(
+    name: Annotated[str, typer.Argument(help="Adapter name in the store.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+    store: StoreOpt = "adapters",
+):
+    """Delete an adapter from the store (asks first unless --yes)."""
+    from lorakit.adapters import remove_adapter
+
+    def confirm(path: Path) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise LorakitError(f"not removing adapter {name!r}: no terminal to ask for confirmation; pass --yes")
+        return typer.confirm(f"Remove adapter {name!r} ({path})?", default=False)
+
+    if remove_adapter(store, name, confirm) is None:
+        say("nothing removed")
+        raise typer.Exit(1)
+    say(f"removed adapter {name!r} from {Path(store).resolve()}")
