@@ -10,8 +10,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,33 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 
 def read_meta(store: Path, name: str) -> dict:
     return json.loads((store / name / "lorakit.json").read_text())
+
+
+# --- the README's walkthrough, run once as written; the end-to-end tests share its results ---
+
+
+def readme_block(name: str) -> str:
+    """The bash block between <!-- NAME:start --> and <!-- NAME:end --> in the README."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    m = re.search(rf"<!-- {name}:start -->\s*```bash\n(.*?)```\s*<!-- {name}:end -->", text, re.S)
+    assert m, f"README has no {name} block"
+    return m.group(1)
+
+
+@dataclass
+class Walkthrough:
+    workdir: Path  # a user's folder holding the shipped recipes, where the commands ran
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def walkthrough(tmp_path_factory, embedded) -> Walkthrough:
+    """Every command of the README's walkthrough, in order, as a user types them (bash -e: any failure stops it)."""
+    work = tmp_path_factory.mktemp("user")
+    shutil.copytree(RECIPES, work / "recipes")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["PYTHONWARNINGS"] = "ignore"
+    script = "set -euo pipefail\n" + readme_block("walkthrough")
+    res = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=3600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return Walkthrough(work, res)

@@ -55,11 +55,12 @@ def _base_section(names: list[str], metas: dict[str, dict], base: str | None) ->
 
 def load(store: str | Path, adapter: str | list[str] | None, base: str | None = None) -> Loaded:
     """Load the base model (the adapters', or `base`) once and attach each adapter by name."""
-    from peft import PeftModel
-
     names = [adapter] if isinstance(adapter, str) else list(adapter or [])
     metas = {n: adapters.load_meta(store, n) for n in names}
     section = _base_section(names, metas, base)
+    import_peft(quantized=section.quantization != "none")
+    from peft import PeftModel
+
     ref = models.resolve(section.name, section.revision)
     if not base:
         for n in names:
@@ -79,6 +80,26 @@ def load(store: str | Path, adapter: str | list[str] | None, base: str | None = 
     model.eval()
     first = names[0] if names else None
     return Loaded(model, tokenizer, metas.get(first, {}), first, names, metas)
+
+
+def import_peft(quantized: bool) -> None:
+    """Import peft; for a full-precision base, without bitsandbytes.
+
+    peft imports bitsandbytes whenever it is installed, and bitsandbytes imports torch's compiler:
+    about 1 s of a generation's start-up, for nothing when the base is not quantized. When neither is
+    imported yet in this process and the base is not quantized, bitsandbytes is hidden while peft is
+    imported (peft then registers no 4/8-bit layers: this process loads no quantized model)."""
+    import sys
+
+    if quantized or "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        import peft  # noqa: F401
+
+        return
+    sys.modules["bitsandbytes"] = None  # an import of it fails, and find_spec says it is absent
+    try:
+        import peft  # noqa: F401
+    finally:
+        del sys.modules["bitsandbytes"]
 
 
 def format_prompt(tokenizer, prompt: str, style: str) -> str:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import RECIPES, read_meta, run_cli
+from conftest import read_meta, run_cli
 from lorakit import generate
 
 pytestmark = pytest.mark.e2e
@@ -18,19 +16,15 @@ PROMPT = "# Keeper's Log — Gull Rock Light, Week 2\n\nDay 8. Wind:"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, embedded):
-    """A user's folder holding the shipped recipes and data."""
-    work = tmp_path_factory.mktemp("user")
-    shutil.copytree(RECIPES, work / "recipes")
-    return work
+def workdir(walkthrough):
+    """A user's folder holding the shipped recipes, where the README's walkthrough ran."""
+    return walkthrough.workdir
 
 
 @pytest.fixture(scope="module")
-def quickstart(workdir):
-    """`lorakit train recipes/quickstart.yaml`, exactly as shipped."""
-    res = run_cli("train", "recipes/quickstart.yaml", cwd=workdir, timeout=2400)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return res
+def quickstart(walkthrough):
+    """`lorakit train recipes/quickstart.yaml`, exactly as shipped (the walkthrough's first command)."""
+    return walkthrough.result
 
 
 def test_quickstart_eval_loss_drops(quickstart, workdir):

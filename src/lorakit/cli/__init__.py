@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from typing import Annotated
 
@@ -43,13 +44,16 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("bitsandbytes", "transformers", "peft", "trl", "datasets", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import datasets
+    # datasets reads these when (and if) a command imports it: importing it here costs a generation's start-up
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity_error()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
 
 def say(message: str) -> None:
