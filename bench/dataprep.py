@@ -3,14 +3,18 @@
 `python bench/dataprep.py SPEC.json`, spec["kind"] is "plain" (what SFTTrainer does with a
 `{"text": ...}` dataset: its own `_prepare_dataset`, then `trl.pack_dataset`) or "lorakit"
 (`lorakit.data.prepare`, then the packing SFTTrainer applies to lorakit's tokenized examples).
+A "lorakit" spec names lorakit's cache folder (`cache_dir`) and the cache outcome it measures
+(`expect_cache`): "stored" empties the folder first (a first run), "hit" reuses it (a rerun).
 Also holds the corpus generator the driver uses.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import shutil
 import sys
 import time
 import types
@@ -96,6 +100,8 @@ def lorakit_path(spec: dict, tokenizer) -> dict:
     started = time.perf_counter()
     prepared = prepare(section, tokenizer, seed=42)
     phases["prepare"] = round(time.perf_counter() - started, 3)
+    if prepared.cache != spec["expect_cache"]:
+        raise SystemExit(f"data cache: expected {spec['expect_cache']!r}, got {prepared.cache!r}")
     t = time.perf_counter()
     train_ds, _ = prepared.datasets()
     phases["to_dataset"] = round(time.perf_counter() - t, 3)
@@ -103,7 +109,13 @@ def lorakit_path(spec: dict, tokenizer) -> dict:
     packed = pack_dataset(train_ds.select_columns(["input_ids", "labels"]), spec["block"], "bfd")
     phases["pack"] = round(time.perf_counter() - t, 3)
     tokens_in = prepared.report["train_tokens"]
-    return {"tokens_in": tokens_in, "tokens_out": count_tokens(packed), "rows_out": len(packed), "phases": phases}
+    return {
+        "tokens_in": tokens_in,
+        "tokens_out": count_tokens(packed),
+        "rows_out": len(packed),
+        "phases": phases,
+        "cache": prepared.cache,
+    }
 
 
 def main(spec_path: str) -> None:
@@ -113,6 +125,12 @@ def main(spec_path: str) -> None:
     import lorakit.data  # noqa: F401  (imports are not part of the timed phases)
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec["kind"] == "lorakit":
+        # As the CLI runs: lorakit turns the tokenizer's threads on for its batched calls only.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ["LORAKIT_CACHE"] = spec["cache_dir"]
+        if spec["expect_cache"] == "stored":
+            shutil.rmtree(Path(spec["cache_dir"]) / "data", ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     result = (plain if spec["kind"] == "plain" else lorakit_path)(spec, tokenizer)
     seconds = sum(result["phases"].values())

@@ -38,6 +38,15 @@ def derive(rows: list[dict], peaks: dict) -> None:
             row["loss_vs_baseline_pct"] = 100 * (row["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
 
 
+def derive_data_prep(runs: list[dict]) -> None:
+    """Speed and peak RSS of every data-prep row relative to the plain path's, in place."""
+    plain = next((r for r in runs if r["name"] == "prep-plain" and "error" not in r), None)
+    for row in runs:
+        if plain is not None and "error" not in row:
+            row["speed_x_plain"] = plain["seconds"] / row["seconds"]
+            row["peak_rss_x_plain"] = row["peak_rss_mb"] / plain["peak_rss_mb"]
+
+
 def _f(value, fmt: str, missing: str = "-") -> str:
     return missing if value is None else format(value, fmt)
 
@@ -93,17 +102,8 @@ def extras_tables(extras: dict) -> list[str]:
     prep = extras.get("data_prep")
     if prep:
         out += ["", f"## Data preparation ({prep['corpus']['bytes'] / 2**20:.1f} MB corpus, block 256)", ""]
-        out += ["| path | tokens/s | MB/s | seconds | tokens in | tokens out (packed) | peak RSS (MB) | phases (s) |"]
-        out += ["|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in prep["runs"]:
-            if "error" in r:
-                out.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 6)
-                continue
-            phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
-            out.append(
-                f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} | {r['seconds']:.1f} | "
-                f"{r['tokens_in']:,} | {r['tokens_out']:,} | {r['peak_rss_mb']:.0f} | {phases} |"
-            )
+        out += data_prep_table(prep["runs"])
+        out += ["", DATA_PREP_NOTE]
     for key, title in (("block_sizes", "Block size (lorakit LoRA)"), ("model_sizes", "Model size (lorakit LoRA)")):
         sweep = extras.get(key)
         if not sweep:
@@ -119,6 +119,51 @@ def extras_tables(extras: dict) -> list[str]:
                 f"{r['peak_rss_mb']:.0f} | {_f(100 * r['mfu'] if r.get('mfu') else None, '.1f')}% |"
             )
     return out
+
+
+DATA_PREP_NOTE = (
+    "Each row is one process: read, tokenize, split, then pack as SFTTrainer does (imports and tokenizer load "
+    "not timed). prep-lorakit starts from an empty lorakit cache and stores its result there; prep-lorakit-cached "
+    "is the rerun that loads it. × plain: speed relative to prep-plain (its seconds / the row's seconds)."
+)
+
+
+def data_prep_table(runs: list[dict]) -> list[str]:
+    derive_data_prep(runs)
+    out = [
+        "| path | tokens/s | × plain | MB/s | seconds | tokens in | tokens out (packed) | peak RSS (MB) "
+        "| RSS × plain | cache | phases (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in runs:
+        if "error" in r:
+            out.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 9)
+            continue
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
+        out.append(
+            f"| {r['name']} | {r['tokens_per_s']:,.0f} | {_f(r.get('speed_x_plain'), '.2f')} | {r['mb_per_s']:.2f} | "
+            f"{r['seconds']:.2f} | {r['tokens_in']:,} | {r['tokens_out']:,} | {r['peak_rss_mb']:.0f} | "
+            f"{_f(r.get('peak_rss_x_plain'), '.2f')} | {r.get('cache', '-')} | {phases} |"
+        )
+    return out
+
+
+def data_prep_markdown(results: dict) -> str:
+    """dataprep.md: the data-preparation part run on its own (`run.py --data-prep`)."""
+    m, prep = results["machine"], results["extras"]["data_prep"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    lines = [
+        f"# lorakit data preparation ({prep['corpus']['bytes'] / 2**20:.1f} MB corpus, block 256)",
+        "",
+        f"{results['date']} · {m['cpu']} · {m['cores']} cores · load average at start "
+        f"{m['load_average_at_start'][0]:.1f} · tokenizer of {results['config']['model']} · {versions}",
+        "",
+        *data_prep_table(prep["runs"]),
+        "",
+        DATA_PREP_NOTE,
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:

@@ -4,6 +4,7 @@
     python bench/run.py --quick      # smoke run on a tiny random Llama (about 2 min)
     python bench/run.py --no-extras  # only the five training scenarios
     python bench/run.py --only trl-peft,lorakit --steps 3 --out /tmp/bench
+    python bench/run.py --data-prep  # only data-preparation throughput (a few minutes): dataprep.{json,md}
 
 Every scenario runs in its own process (peak RSS is per scenario). Results go to bench/results/
 (bench/results/quick/ for --quick): results.json, results.md, results.png.
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny random Llama, small corpus: a smoke run")
     p.add_argument("--no-extras", action="store_true", help="skip data prep and the block/model size sweeps")
+    p.add_argument("--data-prep", action="store_true", help="only the data-preparation part: dataprep.{json,md}")
     p.add_argument("--only", help="comma-separated scenarios to run (default: all)")
     p.add_argument("--out", type=Path, help="output folder (default bench/results, bench/results/quick)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per scenario process")
@@ -171,13 +173,22 @@ def run_data_prep(args, ctx: dict, runner: Runner) -> dict:
     corpus = dataprep.write_corpus(runner.workdir / "corpus", megabytes)
     print(f"data preparation on a {corpus['bytes'] / 2**20:.1f} MB corpus ...", flush=True)
     runs = []
-    for kind in ("plain", "lorakit"):
-        spec = {"kind": kind, "name": f"prep-{kind}", "corpus": corpus["dir"], "corpus_bytes": corpus["bytes"],
-                "model_dir": ctx["model_dir"], "block": 256}  # fmt: skip
+    cache_dir = str(runner.workdir / "prep-cache")
+    # lorakit twice on one cache: a first run (tokenizes, stores) and a rerun (loads).
+    for name, extra in (
+        ("prep-plain", {"kind": "plain"}),
+        ("prep-lorakit", {"kind": "lorakit", "cache_dir": cache_dir, "expect_cache": "stored"}),
+        ("prep-lorakit-cached", {"kind": "lorakit", "cache_dir": cache_dir, "expect_cache": "hit"}),
+    ):
+        spec = {"name": name, "corpus": corpus["dir"], "corpus_bytes": corpus["bytes"],
+                "model_dir": ctx["model_dir"], "block": 256, **extra}  # fmt: skip
         row = runner.run("dataprep.py", spec)
         if "error" not in row:
-            print(f"  {kind}: {row['tokens_per_s']:,.0f} tokens/s, {row['seconds']:.1f} s, {row['peak_rss_mb']:.0f} MB")
+            ratio = runs[0]["seconds"] / row["seconds"] if runs and "error" not in runs[0] else None
+            print(f"  {name}: {row['tokens_per_s']:,.0f} tokens/s, {row['seconds']:.1f} s, {row['peak_rss_mb']:.0f} MB"
+                  + (f", {ratio:.1f}x prep-plain" if ratio else ""))  # fmt: skip
         runs.append(row)
+    report.derive_data_prep(runs)
     return {"corpus": corpus, "runs": runs}
 
 
@@ -244,6 +255,22 @@ def write_outputs(results: dict, out: Path) -> None:
         report.plot(results, out / "results.png")
 
 
+def data_prep_only(args, workdir: Path, runner: Runner, results: dict) -> int:
+    ctx = prepare_context(args, workdir)
+    results["config"] = {"model": ctx["label"], "model_dir": ctx["model_dir"], "quick": args.quick}
+    results["extras"] = {"data_prep": run_data_prep(args, ctx, runner)}
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dataprep.json").write_text(json.dumps(results, indent=2, default=str))
+    (args.out / "dataprep.md").write_text(report.data_prep_markdown(results))
+    print(f"\nwrote {args.out}/dataprep.{{json,md}}")
+    if runner.failed or args.keep:
+        print(f"work folder kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if runner.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
@@ -254,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other jobs will slow the timings"
         )
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()}
+    if args.data_prep:
+        return data_prep_only(args, workdir, runner, results)
     print("measuring the matmul peak (2048x2048, fp32 and bf16) ...", flush=True)
     results["peaks"] = peak.measure(0.5 if args.quick else 3.0)
     print(f"  fp32 {results['peaks']['fp32_gflops']:.0f} GFLOP/s, bf16 {results['peaks']['bf16_gflops']:.0f} GFLOP/s")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RECIPES
+from lorakit import data
 from lorakit.data import (
     IGNORE,
     Example,
@@ -33,6 +34,12 @@ def load_tok(path: Path):
     tok = AutoTokenizer.from_pretrained(path)
     fix_pad_token(tok)
     return tok
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """prepare() caches by default: keep its entries in the test's folder, never in the user's cache."""
+    monkeypatch.setattr(data, "cache_root", lambda: tmp_path / "data-cache")
 
 
 @pytest.fixture(scope="module")

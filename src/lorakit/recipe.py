@@ -143,6 +143,12 @@ class DataSection(Section):
         description="Pack documents into full blocks (EOS between them, attention kept apart). "
         "Off: one document per row, padded.",
     )
+    cache: bool = Field(
+        True,
+        description="Keep the prepared (tokenized, split) data in lorakit's cache (`~/.cache/lorakit/data`, "
+        "or under `$XDG_CACHE_HOME` / `$LORAKIT_CACHE`), keyed by the data files' content, this section, the "
+        "tokenizer and the seed: a rerun loads it instead of tokenizing again. `false`: prepare afresh each run.",
+    )
 
     @field_validator("eval_split", mode="before")
     @classmethod

@@ -454,6 +454,6 @@ def _data_summary(data: Prepared) -> str:
         for s in r["sources"]
     ]
     return (
-        f"data: {r['train_tokens']:,} training tokens in {r['train_examples']} examples, "
+        f"data: {data.origin()}; {r['train_tokens']:,} training tokens in {r['train_examples']} examples, "
         f"{r['eval_tokens']:,} eval tokens; mix: " + ", ".join(parts)
     )
