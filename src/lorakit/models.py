@@ -411,7 +411,29 @@ def load_model(ref: ModelRef, section: BaseModelSection, compute: torch.dtype | 
         raise LorakitError(f"could not load model {ref.label}: {_short(e)}") from None
     if getattr(model.config, "quantization_config", None) is not None and ref.gguf_file:
         del model.config.quantization_config
+    if section.quantization != "none":
+        release_checkpoint_map(model)
     return model
+
+
+def release_checkpoint_map(model) -> int:
+    """Copy the weights a quantized model left in the memory-mapped checkpoint into memory of its own.
+
+    transformers keeps weights it does not convert (embeddings, norms: already in the loading dtype) as views of
+    the checkpoint's memory map, and the map keeps every page read while quantizing resident: the whole
+    full-precision checkpoint stays in the process's memory for the whole run (measured on SmolLM2-135M: 410 MB
+    of a 517 MB checkpoint, next to a 160 MB quantized model). Copying the few unconverted weights lets the map go.
+    Returns the number of tensors copied.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is None or id(t) in seen or not t.is_floating_point() or t.device.type != "cpu":
+                    continue
+                seen.add(id(t))
+                t.data = t.data.clone()
+    return len(seen)
 
 
 def keep_4bit_trainable_on_cpu(model) -> int:
