@@ -3,8 +3,9 @@
 `python bench/first_token.py [--rounds 3] [--out bench/results]`: makes an adapter for the embedded
 SmolLM2-135M (random LoRA weights: the time does not depend on them), then alternates, `rounds`
 times each, between
-  - `lorakit generate --adapter A --temperature 0 --max-new-tokens 1 PROMPT`, and
-  - the plain script a user writes: transformers + peft, `PeftModel.from_pretrained`, `generate`,
+  - `lorakit generate --adapter A --temperature 0 --max-new-tokens 1 PROMPT`,
+  - the plain script a user writes: transformers + peft, `PeftModel.from_pretrained`, `generate`, and
+  - a script that only imports torch and transformers' Llama code (the floor for either),
 timing each process from its spawn to its exit (an upper bound on the time to the first token: the
 one token is the last thing it prints). Writes first-token.{md,json} to --out.
 """
@@ -45,6 +46,12 @@ with torch.no_grad():
     out = model.generate(**ids, max_new_tokens=1, do_sample=False)
 print(tok.decode(out[0, ids["input_ids"].shape[1]:]))
 """
+# The floor for any generation through transformers: importing what it needs for this model, nothing else.
+FLOOR = """
+import torch
+from transformers import PreTrainedTokenizerFast
+from transformers.models.llama import modeling_llama
+"""
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> float:
@@ -75,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         lorakit = [str(bin_dir / "lorakit"), "generate", "--adapter", "a", "--store", str(store), "--base", str(model)]
         lorakit += ["--temperature", "0", "--max-new-tokens", "1", PROMPT]
         plain = [sys.executable, "-c", PLAIN, str(model), str(work / "peft"), PROMPT]
-        times: dict[str, list[float]] = {"lorakit generate": [], "plain transformers+peft": []}
+        floor = [sys.executable, "-c", FLOOR]
+        times: dict[str, list[float]] = {"lorakit generate": [], "plain transformers+peft": [], "imports only": []}
         timed(lorakit, work, env)  # warm the page cache for both: the model file is read from disk once
         for _ in range(args.rounds):
             times["lorakit generate"].append(timed(lorakit, work, env))
             times["plain transformers+peft"].append(timed(plain, work, env))
+            times["imports only"].append(timed(floor, work, env))
     rows = {k: {"median_s": statistics.median(v), "runs_s": [round(x, 3) for x in v]} for k, v in times.items()}
     base = rows["plain transformers+peft"]["median_s"]
     for r in rows.values():
@@ -96,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         f"token; process spawn to exit, median of {args.rounds} alternating runs after one warm-up run.",
         "",
         f"Load average at the start: {', '.join(f'{x:.2f}' for x in result['machine']['load_average_at_start'])}.",
+        "",
+        "'imports only' imports torch, transformers' fast tokenizer and its Llama modelling code, and does",
+        "nothing else: the floor for any command that generates through transformers on this machine.",
         "",
         "| command | median (s) | × plain script | runs (s) |",
         "|---|---:|---:|---|",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -185,3 +188,33 @@ def test_chat_loop_keeps_history_and_resets(two_adapters, monkeypatch):
         ["system", "user"],  # after /reset: the system message only
     ]
     assert seen[1][1]["content"] == "hello" and seen[1][3]["content"] == "more" and seen[2][1]["content"] == "again"
+
+
+BNB_PROBE = """
+import sys
+from lorakit import generate
+full = generate.load(sys.argv[1], "first")
+print("bnb after full-precision load:", "bitsandbytes" in sys.modules)
+quant = generate.load(sys.argv[2], "q")
+kinds = {f"{type(m).__module__}.{type(m).__name__}" for m in quant.model.modules()}
+print("4-bit LoRA layers after:", "peft.tuners.lora.bnb.Linear4bit" in kinds)
+"""
+
+
+def test_full_precision_generation_skips_bitsandbytes_and_a_later_qlora_load_still_works(
+    two_adapters, tiny_llama, tmp_path
+):
+    """bitsandbytes (and the torch compiler it imports) is hidden while a full-precision base loads;
+    peft's cached 'is bitsandbytes there' answers are forgotten after, so 4-bit loads keep working."""
+    body = tiny_recipe(tiny_llama, TIDES, base_model={"quantization": "4bit"}, train={"max_steps": 2})
+    body["output"] = {"name": "q", "store": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs")}
+    train(validate_recipe(body, "q"))
+    res = subprocess.run(
+        [sys.executable, "-c", BNB_PROBE, str(two_adapters / "adapters"), str(tmp_path / "adapters")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "bnb after full-precision load: False" in res.stdout
+    assert "4-bit LoRA layers after: True" in res.stdout

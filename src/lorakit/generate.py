@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,7 @@ def load(store: str | Path, adapter: str | list[str] | None, base: str | None = 
     names = [adapter] if isinstance(adapter, str) else list(adapter or [])
     metas = {n: adapters.load_meta(store, n) for n in names}
     section = _base_section(names, metas, base)
-    import_peft(quantized=section.quantization != "none")
-    from peft import PeftModel
-
+    quantized = section.quantization != "none"
     ref = models.resolve(section.name, section.revision)
     if not base:
         for n in names:
@@ -69,37 +68,53 @@ def load(store: str | Path, adapter: str | list[str] | None, base: str | None = 
     template = metas[names[0]].get("tokenizer", {}).get("chat_template") if names else None
     if template:
         tokenizer.chat_template = template
-    compute = torch.bfloat16 if section.quantization != "none" else None
-    model = models.load_model(ref, section, compute=compute)
-    for i, n in enumerate(names):
-        path = str(adapters.adapter_dir(store, n))
-        if i == 0:
-            model = PeftModel.from_pretrained(model, path, adapter_name=n)
-        else:
-            model.load_adapter(path, adapter_name=n)
+    compute = torch.bfloat16 if quantized else None
+    with without_bitsandbytes(quantized):
+        from peft import PeftModel
+
+        model = models.load_model(ref, section, compute=compute)
+        for i, n in enumerate(names):
+            path = str(adapters.adapter_dir(store, n))
+            if i == 0:
+                model = PeftModel.from_pretrained(model, path, adapter_name=n)
+            else:
+                model.load_adapter(path, adapter_name=n)
     model.eval()
     first = names[0] if names else None
     return Loaded(model, tokenizer, metas.get(first, {}), first, names, metas)
 
 
-def import_peft(quantized: bool) -> None:
-    """Import peft; for a full-precision base, without bitsandbytes.
+@contextlib.contextmanager
+def without_bitsandbytes(quantized: bool):
+    """Import and use peft for a full-precision base without importing bitsandbytes.
 
-    peft imports bitsandbytes whenever it is installed, and bitsandbytes imports torch's compiler:
-    about 1 s of a generation's start-up, for nothing when the base is not quantized. When neither is
-    imported yet in this process and the base is not quantized, bitsandbytes is hidden while peft is
-    imported (peft then registers no 4/8-bit layers: this process loads no quantized model)."""
+    peft imports bitsandbytes whenever it is installed (at import, and again when it wraps layers),
+    and bitsandbytes imports torch's compiler: about 1 s of a generation's start-up, for nothing when
+    the base is not quantized. When the base is not quantized and bitsandbytes is not imported yet in
+    this process, it is hidden for the duration (an import of it fails, find_spec says it is absent;
+    peft then registers no 4/8-bit layers), and peft's cached answers are forgotten afterwards, so a
+    quantized model loaded later in the same process still gets them."""
     import sys
 
-    if quantized or "peft" in sys.modules or "bitsandbytes" in sys.modules:
-        import peft  # noqa: F401
-
+    if quantized or "bitsandbytes" in sys.modules:
+        yield
         return
-    sys.modules["bitsandbytes"] = None  # an import of it fails, and find_spec says it is absent
+    sys.modules["bitsandbytes"] = None
+    _forget_bnb_answers()
     try:
-        import peft  # noqa: F401
+        yield
     finally:
         del sys.modules["bitsandbytes"]
+        _forget_bnb_answers()
+
+
+def _forget_bnb_answers() -> None:
+    import sys
+
+    utils = sys.modules.get("peft.import_utils")
+    if utils is not None:
+        for name in ("is_bnb_available", "is_bnb_4bit_available"):
+            getattr(utils, name).cache_clear()
 
 
 def format_prompt(tokenizer, prompt: str, style: str) -> str:
