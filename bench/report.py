@@ -183,8 +183,10 @@ def markdown(results: dict) -> str:
         "",
         f"tokens/s: non-padding tokens per second over the timed steps (on_step_begin → on_step_end). {MFU_FORMULA}",
         "Time to first step: from the driver spawning the scenario's process to the end of its first step. "
-        "Peak RSS: VmHWM of the scenario's process at its end (after the eval); results.json also holds it at "
-        "the last training step (`peak_rss_last_step_mb`), before any end-of-training checkpoint.",
+        "Peak RSS: VmHWM of the scenario's process when training has returned (loading, data, training, saving), "
+        "before the evaluation; results.json also holds it at the last training step (`peak_rss_last_step_mb`). "
+        "Eval loss: the same held-out blocks for every scenario, in float32 without autocast; lorakit's LoRA run "
+        "is evaluated as the adapter it saved, loaded with plain PEFT on a fresh float32 base.",
         "",
         "## What each scenario ran",
         "",

@@ -159,7 +159,25 @@ def run_lorakit(spec: dict, timer) -> dict:
     setup["target_modules"] = result.meta["target_modules"]
     setup["lora_dropout"] = recipe.lora.dropout
     train_loss = result.metrics["train_loss"]
-    return {"mode": "lora", "model_load_s": timing.get("model_load_s"), "setup": setup, "train_loss": train_loss}
+    return {
+        "mode": "lora",
+        "model_load_s": timing.get("model_load_s"),
+        "setup": setup,
+        "train_loss": train_loss,
+        "adapter_dir": str(result.path),
+    }
+
+
+def saved_adapter(spec: dict, adapter_dir: str):
+    """The adapter lorakit wrote, in plain PEFT on a fresh float32 base: what a user gets from the run.
+
+    lorakit trains a full-precision base with its frozen weights held in bf16 (autocast rounds them to bf16 at
+    every use anyway); evaluating the in-memory model would evaluate those bf16 weights instead of the float32
+    base every other full-precision scenario is evaluated on."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec["model_dir"]), adapter_dir)
 
 
 RUNNERS = {"full-ft": run_full_ft, "trl-peft": run_trl_peft, "lorakit": run_lorakit}
@@ -194,9 +212,13 @@ def main(spec_path: str) -> None:
         peak_rss_after_train_mb=timer.hwm_after_train_mb,
         params=common.param_counts(spec["model_dir"]),
     )
+    result["peak_rss_mb"] = common.vm_hwm_mb()  # training's peak, before the evaluation loads anything
     if spec.get("eval_blocks"):
-        result.update(evaluate(spec, timer.model))
-    result["peak_rss_mb"] = common.vm_hwm_mb()
+        model = timer.model
+        if spec["kind"] == "lorakit" and not spec.get("quantize"):
+            timer.model = model = None
+            model = saved_adapter(spec, result["adapter_dir"])
+        result.update(evaluate(spec, model))
     Path(spec["out"]).write_text(json.dumps(result, indent=2, default=str))
 
 

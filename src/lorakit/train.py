@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lorakit import adapters, models, runs
+from lorakit import adapters, attention, models, runs
 from lorakit.data import Prepared, content_hash, prepare, prompt_style
 from lorakit.errors import LorakitError
 from lorakit.recipe import Recipe
@@ -80,17 +80,31 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, dtype, rows):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        n, vocab = hidden.shape[0], w.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty((n, w.shape[1]), dtype=dtype, device=hidden.device) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], rows):
+        # One set of buffers for every chunk: a fresh 30-MB block per chunk costs its page faults each time.
+        step = min(rows, n)
+        logits = torch.empty((step, vocab), dtype=dtype, device=hidden.device)
+        upcast = (
+            torch.empty((step, vocab), dtype=torch.float32, device=hidden.device) if dtype != torch.float32 else None
+        )
+        logp = torch.empty((step, vocab), dtype=torch.float32, device=hidden.device)
+        probs = torch.empty((step, vocab), dtype=dtype, device=hidden.device) if want_grad else None
+        for start in range(0, n, rows):
             t = targets[start : start + rows]
-            logits = torch.nn.functional.linear(hidden[start : start + rows].to(dtype), w, b).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(t), device=t.device), t] -= 1
-                grad[start : start + rows] = probs.to(dtype) @ w
+            k = len(t)
+            h = hidden[start : start + rows].to(dtype)
+            torch.mm(h, w.t(), out=logits[:k]) if b is None else torch.addmm(b, h, w.t(), out=logits[:k])
+            full = logits[:k] if upcast is None else upcast[:k].copy_(logits[:k])
+            torch.ops.aten._log_softmax.out(full, 1, False, out=logp[:k])
+            picked = logp[:k].gather(1, t[:, None]).squeeze(1)
+            total -= picked.sum()
+            if want_grad:
+                torch.exp(logp[:k], out=probs[:k])  # softmax
+                probs[:k][torch.arange(k, device=t.device), t] = (picked.exp() - 1).to(dtype)
+                torch.mm(probs[:k], w, out=grad[start : start + k])
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -173,6 +187,18 @@ def chunked_loss_parts(model):
     return (body, head) if (logits.float() - ours.float()).abs().max() <= 1e-3 * scale else None
 
 
+def keep_lora_inputs_as_they_come(model) -> int:
+    """Stop peft from casting each LoRA layer's input to the adapter's dtype (fp32) when training under autocast.
+
+    Autocast casts a matmul's inputs to the compute dtype anyway, so peft's cast is a copy of the activations
+    made only to be cast back: two copies per LoRA layer and step, and their gradients' on the way back.
+    Returns the number of layers changed."""
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def release_freed_memory() -> bool:
     """Return the memory freed during a training step to the OS (glibc's malloc_trim; elsewhere a no-op).
 
@@ -204,6 +230,8 @@ def sft_trainer_class():
             super().__init__(*args, **kwargs)
             sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # the head's weight is not whole there
             self.chunked_head = None if sharded else chunked_loss_parts(self.model)
+            if self.args.bf16 or self.args.fp16:
+                keep_lora_inputs_as_they_come(self.model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
@@ -421,7 +449,14 @@ def load_base(recipe: Recipe, ref: models.ModelRef, plan: Plan):
     """Load the base model for training and settle packing (kept only if documents stay apart)."""
     precision_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.precision]
     compute_name = precision_dtype if recipe.base_model.compute_dtype == "auto" else recipe.base_model.compute_dtype
-    model = models.load_model(ref, recipe.base_model, compute=models.torch_dtype(compute_name), dev=plan.device)
+    section = recipe.base_model
+    if section.dtype == "auto" and section.quantization == "none" and plan.precision == "bf16":
+        # Autocast would round every frozen weight to bf16 at every use anyway (frozen weights are not in
+        # its cache): hold them in bf16 once, as on a GPU. The adapter itself stays fp32 (peft upcasts it).
+        section = section.model_copy(update={"dtype": "bfloat16"})
+        if plan.device.type == "cpu":
+            plan.notes.append("frozen base weights held in bf16")
+    model = models.load_model(ref, section, compute=models.torch_dtype(compute_name), dev=plan.device)
     model.config.use_cache = False
     if plan.device.type == "cpu":
         models.keep_4bit_trainable_on_cpu(model)
@@ -431,6 +466,12 @@ def load_base(recipe: Recipe, ref: models.ModelRef, plan: Plan):
         plan.notes.append("this model's attention mixes packed documents: packing turned off (one document per row)")
     elif packing:
         plan.notes.append("packing: documents packed padding-free, attention kept within each document")
+        on_cpu_auto = plan.device.type == "cpu" and recipe.base_model.attn_implementation == "auto"
+        if on_cpu_auto and attention.use_packed_attention(model):
+            if packing_is_isolated(model):
+                plan.notes.append("attention computed per document")
+            else:
+                model.set_attn_implementation("sdpa")
     return model, packing
 
 
