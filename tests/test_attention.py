@@ -147,3 +147,19 @@ def test_lora_inputs_are_not_cast_to_float32_under_autocast(tiny_llama):
     assert changed == len(lora_layers) > 0
     assert not any(m.cast_input_dtype_enabled for m in lora_layers)
     torch.testing.assert_close(after, before)
+
+
+def test_pad_packed_row_adds_one_unsupervised_document():
+    row = {
+        "input_ids": torch.tensor([[5, 6, 7, 8, 9]]),
+        "labels": torch.tensor([[5, 6, -100, 8, 9]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+    }
+    out = attention.pad_packed_row(row, 8, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert out["labels"].tolist() == [[5, 6, -100, 8, 9, -100, -100, -100]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert attention.document_spans(out["position_ids"], 8) == [(0, 3), (3, 5), (5, 8)]
+    assert attention.pad_packed_row(out, 8, pad_id=0) is out  # already a multiple
+    two_rows = {k: v.repeat(2, 1) for k, v in row.items()}
+    assert attention.pad_packed_row(two_rows, 8, pad_id=0) is two_rows  # only one-row packed batches

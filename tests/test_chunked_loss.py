@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES, make_tiny_llama, tiny_recipe
-from lorakit import models
+from lorakit import attention, models
 from lorakit.data import prepare
 from lorakit.recipe import validate_recipe
 from lorakit.train import build_lora_config, build_sft_config, chunked_loss_parts, make_plan, sft_trainer_class
@@ -72,11 +72,24 @@ def reference(model, batch, num_items_in_batch=None):
     return model(**{k: batch[k] for k in keep}, use_cache=False, **extra).loss
 
 
-def test_loss_and_lora_gradients_equal_the_models_own(model_dir, tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["sdpa", "per-document-padded"])
+def test_loss_and_lora_gradients_equal_the_models_own(model_dir, tmp_path, monkeypatch, packed):
+    """Also in chunks of 16 rows (the last one partial, padded with zero rows), and with the packed row padded to a
+    multiple of 64 tokens and attention per document (what CPU training runs)."""
+    import lorakit.train
+
     trainer = build_trainer(model_dir, tmp_path)
     assert trainer.chunked_head is not None
     model = trainer.model
+    monkeypatch.setattr(lorakit.train, "CHUNK_LOGITS", 16 * model.get_output_embeddings().weight.shape[0])
     (batch,) = batches(trainer, 1)
+    assert (batch["labels"] != -100).sum() % 16 != 0  # a partial last chunk
+    if packed:
+        if not attention.use_packed_attention(model):
+            pytest.skip("this model's attention does not go through transformers' attention interface")
+        trainer.row_multiple = attention.ROW_MULTIPLE
+        keep = ("input_ids", "labels", "position_ids")  # the row less 5 tokens: the padding has to round it up
+        batch = {k: batch[k][:, :-5] for k in keep}
     ours = trainer.compute_loss(model, dict(batch))
     ours.backward()
     ours_grads = lora_grads(model)

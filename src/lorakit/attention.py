@@ -16,6 +16,8 @@ same on a GPU, so lorakit only does this on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -71,20 +73,61 @@ def packed_sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     gqa = query.shape[1] != key.shape[1]
-    outs = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-        for s, e in spans
-    ]
+    dtype = query.dtype
+    # On the CPU, attention runs in float32: there its kernels are as fast as in bf16 (measured), and bf16
+    # attention goes through oneDNN, which builds and keeps kernels for every document length it meets (the
+    # process grew by tens of MB a step).
+    upcast = query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+    with torch.autocast(query.device.type, enabled=False) if upcast else contextlib.nullcontext():
+        outs = [
+            F.scaled_dot_product_attention(
+                query[:, :, s:e],
+                key[:, :, s:e],
+                value[:, :, s:e],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            for s, e in spans
+        ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous().to(dtype), None
+
+
+# A packed row is padded to a multiple of this many tokens (see pad_packed_row).
+ROW_MULTIPLE = 64
+
+
+def pad_packed_row(inputs: dict, multiple: int, pad_id: int) -> dict:
+    """Pad a one-row packed batch to a multiple of `multiple` tokens with one more document of padding.
+
+    oneDNN, which runs the CPU's matmuls, builds and caches a kernel (and a reordered copy of the weights) for
+    every new shape. A padding-free packed row has a different length at almost every step, so every step
+    built new ones, and the caches grew the process by 20-40 MB a step until they filled (1,024 entries).
+    With lengths rounded up, a run sees a handful of shapes. The padding is a document of its own (positions
+    from 0, labels -100): nothing attends to it and it adds nothing to the loss."""
+    ids = inputs.get("input_ids")
+    pos = inputs.get("position_ids")
+    if ids is None or pos is None or ids.dim() != 2 or ids.shape[0] != 1 or "attention_mask" in inputs:
+        return inputs
+    extra = -ids.shape[1] % multiple
+    if extra == 0:
+        return inputs
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([ids, ids.new_full((1, extra), pad_id)], dim=1)
+    out["position_ids"] = torch.cat([pos, torch.arange(extra, dtype=pos.dtype, device=pos.device)[None]], dim=1)
+    for key in ("labels", "shift_labels"):
+        if inputs.get(key) is not None:
+            out[key] = torch.cat([inputs[key], inputs[key].new_full((1, extra), -100)], dim=1)
+    return out
+
+
+def uses_packed_attention(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME
 
 
 def register() -> None:
