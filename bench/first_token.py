@@ -63,16 +63,14 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> float:
     return seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=common.BENCH / "results")
-    args = ap.parse_args(argv)
+def measure(rounds: int = 3) -> dict:
+    """Spawn-to-exit seconds of each command, `rounds` alternating runs after one warm-up run."""
     from lorakit.models import pull_embedded
 
     model = pull_embedded()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     bin_dir = Path(sys.executable).parent
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lorakit-first-token-") as tmp:
         work = Path(tmp)
         subprocess.run([sys.executable, "-c", MAKE_ADAPTER, str(model), str(work / "peft")], check=True, env=env)
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         floor = [sys.executable, "-c", FLOOR]
         times: dict[str, list[float]] = {"lorakit generate": [], "plain transformers+peft": [], "imports only": []}
         timed(lorakit, work, env)  # warm the page cache for both: the model file is read from disk once
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             times["lorakit generate"].append(timed(lorakit, work, env))
             times["plain transformers+peft"].append(timed(plain, work, env))
             times["imports only"].append(timed(floor, work, env))
@@ -93,27 +91,36 @@ def main(argv: list[str] | None = None) -> int:
     base = rows["plain transformers+peft"]["median_s"]
     for r in rows.values():
         r["x_plain"] = r["median_s"] / base
-    from run import machine_info
+    return {"rounds": rounds, "load_average_at_start": load_at_start, "rows": rows}
 
-    result = {"machine": machine_info(), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "first-token.json").write_text(json.dumps(result, indent=2) + "\n")
+
+def markdown(result: dict, heading: str = "#") -> list[str]:
     lines = [
-        "# Time to the first generated token (from the command line)",
+        f"{heading} Time to the first generated token (from the command line)",
         "",
         f"Embedded SmolLM2-135M with an r=16 all-linear LoRA adapter, cached on disk; prompt {PROMPT!r}, one greedy",
-        f"token; process spawn to exit, median of {args.rounds} alternating runs after one warm-up run.",
-        "",
-        f"Load average at the start: {', '.join(f'{x:.2f}' for x in result['machine']['load_average_at_start'])}.",
-        "",
+        f"token; process spawn to exit, median of {result['rounds']} alternating runs after one warm-up run.",
         "'imports only' imports torch, transformers' fast tokenizer and its Llama modelling code, and does",
         "nothing else: the floor for any command that generates through transformers on this machine.",
+        f"Load average at the start: {', '.join(f'{x:.2f}' for x in result['load_average_at_start'])}.",
         "",
         "| command | median (s) | × plain script | runs (s) |",
         "|---|---:|---:|---|",
     ]
-    for name, r in rows.items():
+    for name, r in result["rows"].items():
         lines.append(f"| {name} | {r['median_s']:.2f} | {r['x_plain']:.2f} | {', '.join(map(str, r['runs_s']))} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=common.BENCH / "results")
+    args = ap.parse_args(argv)
+    result = measure(args.rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "first-token.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = markdown(result)
     (args.out / "first-token.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

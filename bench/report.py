@@ -118,6 +118,10 @@ def extras_tables(extras: dict) -> list[str]:
                 f"| {r['model']} | {r['block']} | {r['params']['total'] / 1e6:.1f}M | {r['tokens_per_s']:.1f} | "
                 f"{r['peak_rss_mb']:.0f} | {_f(100 * r['mfu'] if r.get('mfu') else None, '.1f')}% |"
             )
+    if extras.get("first_token"):
+        import first_token
+
+        out += ["", *first_token.markdown(extras["first_token"], heading="##")]
     return out
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import common
 import dataprep
+import first_token
 import fixtures
 import peak
 import report
@@ -225,6 +226,11 @@ def run_extras(args, ctx: dict, runner: Runner) -> dict:
     points.append((ctx["label"], ctx["model_dir"], ctx["lorakit_model"], 256))
     note = "block 256, batch 1, 3 steps (first excluded)"
     extras["model_sizes"] = {"note": note, "runs": sweep(args, ctx, runner, points, memo)}
+    if not args.quick:
+        print("time to the first generated token ...", flush=True)
+        extras["first_token"] = first_token.measure(rounds=3)
+        rows = extras["first_token"]["rows"]
+        print("  " + ", ".join(f"{k} {r['median_s']:.2f} s" for k, r in rows.items()))
     return extras
 
 
