@@ -45,7 +45,7 @@ docs: venv
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
 
-# Speed/memory/loss benchmark (bench/results/); about 20 minutes on 2 cores. `python bench/run.py --quick` for a smoke run.
+# Speed/memory/loss benchmark (bench/results/); about 10 minutes on 2 cores. `python bench/run.py --quick` for a smoke run.
 bench: venv
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run.py

@@ -1,6 +1,6 @@
 """lorakit benchmark: lorakit vs full fine-tuning vs a plain TRL+PEFT script, side by side.
 
-    python bench/run.py              # full run on the embedded SmolLM2-135M (about 20 min on 2 cores)
+    python bench/run.py              # full run on the embedded SmolLM2-135M (about 10 min on 2 cores)
     python bench/run.py --quick      # smoke run on a tiny random Llama (about 2 min)
     python bench/run.py --no-extras  # only the five training scenarios
     python bench/run.py --only trl-peft,lorakit --steps 3 --out /tmp/bench
