@@ -189,8 +189,9 @@ def markdown(results: dict) -> str:
         "Time to first step: from the driver spawning the scenario's process to the end of its first step. "
         "Peak RSS: VmHWM of the scenario's process when training has returned (loading, data, training, saving), "
         "before the evaluation; results.json also holds it at the last training step (`peak_rss_last_step_mb`). "
-        "Eval loss: the same held-out blocks for every scenario, in float32 without autocast; lorakit's LoRA run "
-        "is evaluated as the adapter it saved, loaded with plain PEFT on a fresh float32 base.",
+        "Eval loss: the same held-out blocks for every scenario, in float32 without autocast; lorakit's runs "
+        "are evaluated as the adapters they saved, loaded with plain PEFT on a fresh base as its baseline loads "
+        "it (float32, or the QLoRA baseline's 4-bit NF4 config).",
         "",
         "## What each scenario ran",
         "",

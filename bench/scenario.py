@@ -65,26 +65,32 @@ def run_full_ft(spec: dict, timer) -> dict:
     return {"mode": "full", "model_load_s": load_s, "setup": setup, "train_loss": out.training_loss}
 
 
+def baseline_load_args(spec: dict) -> dict:
+    """from_pretrained arguments of the plain script: none, or its 4-bit NF4 config for the QLoRA baseline."""
+    if not spec.get("quantize"):
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config, "device_map": "cpu"}
+
+
 def run_trl_peft(spec: dict, timer) -> dict:
     """A plain TRL + PEFT script: library defaults except what the comparison fixes."""
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    kwargs = {}
-    if spec.get("quantize"):
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["device_map"] = "cpu"
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **baseline_load_args(spec))
     load_s = time.perf_counter() - started
     train_ds = Dataset.from_dict({"text": common.read_paragraphs(spec["train_file"])})
     args = SFTConfig(
@@ -169,15 +175,17 @@ def run_lorakit(spec: dict, timer) -> dict:
 
 
 def saved_adapter(spec: dict, adapter_dir: str):
-    """The adapter lorakit wrote, in plain PEFT on a fresh float32 base: what a user gets from the run.
+    """The adapter lorakit wrote, in plain PEFT on the base its baseline is evaluated on: the float32 model, or
+    for QLoRA the model in the baseline's 4-bit NF4 config. What a user gets from the run, on equal terms.
 
-    lorakit trains a full-precision base with its frozen weights held in bf16 (autocast rounds them to bf16 at
-    every use anyway); evaluating the in-memory model would evaluate those bf16 weights instead of the float32
-    base every other full-precision scenario is evaluated on."""
+    lorakit trains with the frozen weights held in bf16 (autocast rounds them to bf16 at every use anyway; a
+    4-bit base keeps its embeddings and norms in bf16, as on a GPU); evaluating the in-memory model would
+    evaluate those bf16 weights instead of the base the plain script's adapter is evaluated on."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec["model_dir"]), adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **baseline_load_args(spec))
+    return PeftModel.from_pretrained(base, adapter_dir)
 
 
 RUNNERS = {"full-ft": run_full_ft, "trl-peft": run_trl_peft, "lorakit": run_lorakit}
@@ -215,7 +223,7 @@ def main(spec_path: str) -> None:
     result["peak_rss_mb"] = common.vm_hwm_mb()  # training's peak, before the evaluation loads anything
     if spec.get("eval_blocks"):
         model = timer.model
-        if spec["kind"] == "lorakit" and not spec.get("quantize"):
+        if spec["kind"] == "lorakit":
             timer.model = model = None
             model = saved_adapter(spec, result["adapter_dir"])
         result.update(evaluate(spec, model))

@@ -3,7 +3,6 @@ logits; a quantized base keeps no full-precision checkpoint mapped."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -189,14 +188,3 @@ def test_quantized_base_keeps_no_checkpoint_mapped(tiny_llama):
     assert not [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(checkpoint)]
     ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(model(input_ids=ids).logits).all()  # the copied weights are the model's own
-
-
-def test_cpu_kernel_cache_is_bounded_unless_the_user_set_it(monkeypatch):
-    from lorakit.train import bound_cpu_kernel_cache
-
-    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
-    bound_cpu_kernel_cache()
-    assert os.environ["LRU_CACHE_CAPACITY"] == "64"
-    monkeypatch.setenv("LRU_CACHE_CAPACITY", "8")
-    bound_cpu_kernel_cache()
-    assert os.environ["LRU_CACHE_CAPACITY"] == "8"

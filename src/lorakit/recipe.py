@@ -58,8 +58,9 @@ class BaseModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="dtype of the frozen base weights. `auto`: bfloat16 on a GPU that supports it "
-        "(else float16); on the CPU bfloat16 when training in bf16 (autocast rounds them to bf16 anyway), "
+        description="dtype of the frozen base weights (of a quantized base: what it does not quantize, such as "
+        "embeddings and norms). `auto`: bfloat16 on a GPU that supports it (else float16); on the CPU bfloat16 "
+        "when training in bf16 (autocast rounds them to bf16 anyway) with a full-precision or 4-bit base, "
         "else float32.",
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
