@@ -356,3 +356,32 @@ def test_help_lists_the_commands(tmp_path):
     assert res.returncode == 0, out(res)
     for command in ("train", "generate", "recipe", "models", "adapters"):
         assert re.search(rf"│ {command} ", res.stdout), res.stdout
+
+
+def test_the_command_skips_teardown_but_runs_exit_handlers_and_keeps_exit_codes(tmp_path):
+    """`lorakit` ends its process without Python's slow module teardown once a verb is done: output written
+    through a pipe is complete, exit handlers still run, and the exit code is the verb's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('exit handlers ran', flush=True))\n"
+        "sys.argv = ['lorakit', *sys.argv[1:]]\n"
+        "from lorakit.cli import main\n"
+        "main()\n"
+        "print('not reached')\n"
+    )
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+    ok = run("adapters", "list", "--store", str(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.lower().splitlines() == [f"no adapters in {tmp_path}", "exit handlers ran"]
+    bad = run("adapters", "show", "nope", "--store", str(tmp_path))
+    assert bad.returncode == 2
+    assert "error: no adapter 'nope'" in bad.stderr
+    assert bad.stdout.splitlines() == ["exit handlers ran"]
+    usage = run("adapters", "show")  # a usage error from the command line parser
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr

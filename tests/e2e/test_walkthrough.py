@@ -78,7 +78,7 @@ def test_merge_never_holds_two_copies_of_the_model(walkthrough, embedded, tmp_pa
         cwd=walkthrough.workdir,
     )
     merge = _peak_mb(
-        "import sys\nsys.argv[0] = 'lorakit'\nfrom lorakit.cli import app\napp()\n",
+        "import sys\nsys.argv[0] = 'lorakit'\nfrom lorakit.cli import main\nmain()\n",
         "merge", "quickstart", "--out", str(tmp_path / "m"), cwd=walkthrough.workdir,
     )  # fmt: skip
     assert (tmp_path / "m" / "model.safetensors").is_file()

@@ -100,5 +100,38 @@ def size_text(n: int) -> str:
     return str(n)
 
 
+def main() -> None:
+    """The `lorakit` command: run the verb, then leave without tearing the interpreter down.
+
+    With torch and transformers imported a process holds ~2,500 modules, and Python's orderly shutdown (clearing
+    each of them) took 0.9 s on this 2-core CPU, after the verb was done: a second on every `lorakit generate`.
+    Once the verb has returned, its files are written and closed; output is flushed and the exit handlers run
+    (logging, temporary folders, worker processes), then the process ends with the verb's exit code. The orderly
+    way is kept when other threads still run or a distributed process group is up."""
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):  # sys.exit("message"): Python prints it and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    code = 0 if code is None else code
+    import threading
+
+    dist = sys.modules.get("torch.distributed")
+    if threading.active_count() > 1 or (dist is not None and dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    import contextlib
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`lorakit ... | head`): nothing to write to
+            stream.flush()
+    os._exit(code)
+
+
 # The verbs register themselves on `app` when imported.
 from lorakit.cli import training, using, store, deploy  # noqa: E402, F401, I001  (this order in --help)

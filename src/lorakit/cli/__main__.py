@@ -1,5 +1,5 @@
 """`python -m lorakit.cli`: the same as the `lorakit` command."""
 
-from lorakit.cli import app
+from lorakit.cli import main
 
-app()
+main()
