@@ -77,6 +77,47 @@ def main_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _ratio(row: dict | None, base: dict | None, key: str) -> float | None:
+    if not row or not base or row.get(key) is None or not base.get(key):
+        return None
+    return row[key] / base[key]
+
+
+def targets_table(results: dict) -> list[str]:
+    """The performance targets, each measured against its own baseline in this run: met or not."""
+    rows = {r["name"]: r for r in results["scenarios"] if "error" not in r}
+    lora, qlora = rows.get("lorakit"), rows.get("lorakit-qlora")
+    base, qbase = rows.get(BASELINE), rows.get("trl-peft-qlora")
+    loss = _ratio(lora, base, "eval_loss")
+    qloss = _ratio(qlora, qbase, "eval_loss")
+    checks = [
+        ("LoRA tokens/s vs trl-peft", _ratio(lora, base, "tokens_per_s"), ">=", 2.5, "×"),
+        ("LoRA eval loss vs trl-peft", None if loss is None else 100 * (loss - 1), "within", 2.0, "%"),
+        ("QLoRA tokens/s vs trl-peft-qlora", _ratio(qlora, qbase, "tokens_per_s"), ">=", 2.0, "×"),
+        ("QLoRA peak RSS vs trl-peft-qlora", _ratio(qlora, qbase, "peak_rss_mb"), "<=", 0.5, "×"),
+        ("(QLoRA eval loss vs trl-peft-qlora)", None if qloss is None else 100 * (qloss - 1), None, None, "%"),
+    ]
+    prep = {r["name"]: r for r in results.get("extras", {}).get("data_prep", {}).get("runs", []) if "error" not in r}
+    if "prep-plain" in prep and "prep-lorakit" in prep:
+        speed = prep["prep-plain"]["seconds"] / prep["prep-lorakit"]["seconds"]
+        checks.append(("data preparation vs the plain script", speed, ">=", 3.0, "×"))
+    first = results.get("extras", {}).get("first_token", {}).get("rows", {}).get("lorakit generate")
+    if first:
+        checks.append(("lorakit generate, first token (s)", first["median_s"], "<", 3.0, " s"))
+    out = ["| target | measured | wanted | met |", "|---|---:|---:|---|"]
+    for name, value, op, bound, unit in checks:
+        if value is None:
+            continue
+        shown = f"{value:+.1f}{unit}" if unit == "%" else f"{value:.2f}{unit}"
+        if op is None:
+            out.append(f"| {name} | {shown} | - | - |")
+            continue
+        met = {">=": value >= bound, "<=": value <= bound, "<": value < bound, "within": abs(value) <= bound}[op]
+        wanted = f"{ {'>=': '≥', '<=': '≤', 'within': '±'}.get(op, op) } {bound:g}{unit}".replace("± ", "±")
+        out.append(f"| {name} | {shown} | {wanted} | {'yes' if met else '**no**'} |")
+    return out
+
+
 def setup_table(rows: list[dict]) -> list[str]:
     out = [
         "| scenario | precision | grad. checkpointing | padding-free packing | optimizer | scheduler | lr "
@@ -192,6 +233,10 @@ def markdown(results: dict) -> str:
         "Eval loss: the same held-out blocks for every scenario, in float32 without autocast; lorakit's runs "
         "are evaluated as the adapters they saved, loaded with plain PEFT on a fresh base as its baseline loads "
         "it (float32, or the QLoRA baseline's 4-bit NF4 config).",
+        "",
+        "## The targets (issue #4), each against its own baseline in this run",
+        "",
+        *targets_table(results),
         "",
         "## What each scenario ran",
         "",

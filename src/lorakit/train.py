@@ -213,7 +213,8 @@ def sft_trainer_class():
             super().__init__(*args, **kwargs)
             sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # the head's weight is not whole there
             self.chunked_head = None if sharded else chunked_loss_parts(self.model)
-            runtime.adapter_in_float32(self.model)
+            if not sharded:  # FSDP/DeepSpeed flatten parameters by dtype: leave TRL's choice there
+                runtime.adapter_in_float32(self.model)
             if self.args.bf16 or self.args.fp16:
                 runtime.keep_lora_inputs_as_they_come(self.model)
                 runtime.quantized_outputs_in_compute_dtype(self.model)
