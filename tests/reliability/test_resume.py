@@ -83,6 +83,25 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(uninterrupted, tiny_
     assert not runs.checkpoints(tmp_path / "runs" / "run", complete_only=False)  # cleaned up at the end
 
 
+def test_qlora_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch):
+    """A 4-bit base trained in bf16 (its embeddings and norms held in bf16, the adapter cast back to float32 from
+    TRL's bf16): the resumed run picks up the float32 adapter and its optimizer state as they were saved."""
+    q = {"base_model": {"quantization": "4bit"}, "train": {"precision": "bf16"}}
+    straight = train(recipe(tiny_llama, tmp_path / "a", "run", **q))
+    r = recipe(tiny_llama, tmp_path / "b", "run", **q)
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(runs.Interrupted):
+        train(r)
+    monkeypatch.undo()
+    resumed = train(r, resume=True)
+    a = load_file(straight.path / "adapter_model.safetensors")
+    b = load_file(resumed.path / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and {t.dtype for t in b.values()} == {torch.float32}
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert resumed.metrics["eval_loss_after"] == pytest.approx(straight.metrics["eval_loss_after"], rel=1e-4)
+
+
 def test_resume_with_a_changed_recipe_is_refused(tiny_llama, tmp_path, monkeypatch):
     interrupt_at(monkeypatch, 2)
     with pytest.raises(runs.Interrupted):
