@@ -81,6 +81,22 @@ def make_tiny_llama(path: Path, tie: bool = True) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def lorakit_cache(tmp_path_factory) -> Path:
+    """lorakit's cache for the session, in a temporary folder: the prepared-data entries the tests make are not
+    left in the user's cache. Its `models/` is the user's, so the embedded model is converted once for all."""
+    from lorakit.models import cache_dir
+
+    shared = cache_dir() / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("lorakit-cache")
+    (root / "models").symlink_to(shared, target_is_directory=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LORAKIT_CACHE", str(root))  # subprocesses inherit it
+    yield root
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
