@@ -8,6 +8,7 @@ prepared data is cached on disk under a key of everything it depends on: a rerun
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -709,6 +710,8 @@ def load_cached(entry: Path, key: str) -> Prepared | None:
             if offsets[0] != 0 or offsets[-1] != len(ids) or len(labels) != len(ids) or np.any(np.diff(offsets) < 0):
                 raise ValueError(f"{part} arrays do not fit together")
             sets[part] = Tokens.flat(ids, labels, offsets)
+        with contextlib.suppress(OSError):  # when it was last used (`lorakit cache list`); a read-only cache is fine
+            os.utime(entry / "meta.json")
         return Prepared(sets["train"], sets["eval"], meta["report"], cache="hit", cache_key=key)
     except Exception as e:  # whatever is wrong with the entry, preparing the data again is the answer
         log.warning("data: ignoring the damaged cache entry %s (%s); preparing the data again", entry, e)

@@ -151,7 +151,8 @@ class DataSection(Section):
         True,
         description="Keep the prepared (tokenized, split) data in lorakit's cache (`~/.cache/lorakit/data`, "
         "or under `$XDG_CACHE_HOME` / `$LORAKIT_CACHE`), keyed by the data files' content, this section, the "
-        "tokenizer and the seed: a rerun loads it instead of tokenizing again. `false`: prepare afresh each run.",
+        "tokenizer and the seed: a rerun loads it instead of tokenizing again. `false`: prepare afresh each run. "
+        "`lorakit cache list` shows the entries, `lorakit cache clear [--older-than DAYS]` removes them.",
     )
 
     @field_validator("eval_split", mode="before")

@@ -22,9 +22,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Recipe-drive
 recipe_app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their schema.")
 models_app = typer.Typer(no_args_is_help=True, help="The embedded model cache.")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter store.")
+cache_app = typer.Typer(no_args_is_help=True, help="Prepared data kept between runs (the data cache).")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(cache_app, name="cache")
 
 console = Console()
 err = Console(stderr=True)

@@ -14,6 +14,7 @@ from rich.table import Table
 from lorakit.cli import (
     StoreOpt,
     adapters_app,
+    cache_app,
     console,
     new_table,
     num,
@@ -198,3 +199,61 @@ def adapters_rm(
         say("nothing removed")
         raise typer.Exit(1)
     say(f"removed adapter {name!r} from {Path(store).resolve()}")
+
+
+# --- the data cache ---------------------------------------------------------------------------
+
+
+@cache_app.command("list")
+@user_errors
+def cache_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
+    """List the prepared-data entries: size, when last used, the data they were made from."""
+    from lorakit import cache
+    from lorakit.data import cache_root
+
+    found = cache.entries()
+    if as_json:
+        print(json.dumps([e.as_json() for e in found], indent=2))
+        return
+    if not found:
+        say(f"no prepared data in {cache_root()}")
+        return
+    table = new_table("key", "size", "last used", "train tokens", "sources")
+    for e in found:
+        row = e.as_json()
+        sources = ", ".join(e.sources) or "(unreadable: prepared again when next needed)"
+        table.add_row(e.key[:12], size_text(e.bytes), row["last_used"][:16], num(e.train_tokens), sources)
+    console.print(table, highlight=False)
+    say(f"{len(found)} entries, {size_text(sum(e.bytes for e in found))} in {cache_root()}")
+
+
+@cache_app.command("clear")
+@user_errors
+def cache_clear(
+    older_than: Annotated[
+        float | None, typer.Option(help="Only entries not used for this many days.", min=0, show_default=False)
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+):
+    """Remove prepared data (all of it, or what has not been used lately). Runs prepare it again when needed."""
+    import time
+
+    from lorakit import cache
+    from lorakit.data import cache_root
+
+    found = cache.entries()
+    if older_than is not None:
+        found = [e for e in found if time.time() - e.last_used > older_than * 86400]
+    stale = cache.leftovers()
+    if not found and not stale:
+        say(f"nothing to remove in {cache_root()}")
+        return
+    total = size_text(sum(e.bytes for e in found))
+    if found and not yes:
+        if not sys.stdin.isatty():
+            raise LorakitError(f"not removing {len(found)} entries: no terminal to ask for confirmation; pass --yes")
+        if not typer.confirm(f"Remove {len(found)} prepared-data entries ({total}) from {cache_root()}?"):
+            say("nothing removed")
+            raise typer.Exit(1)
+    freed = cache.remove([e.path for e in found] + stale)
+    say(f"removed {len(found)} entries ({size_text(freed)}) from {cache_root()}")
