@@ -88,7 +88,7 @@ def plain(spec: dict, tokenizer) -> dict:
 def lorakit_path(spec: dict, tokenizer) -> dict:
     from trl import pack_dataset
 
-    from lorakit.data import prepare
+    from lorakit.data.prepare import prepare
     from lorakit.recipe import DataSection
 
     section = DataSection(
@@ -122,7 +122,7 @@ def main(spec_path: str) -> None:
     import trl  # noqa: F401
     from transformers import AutoTokenizer
 
-    import lorakit.data  # noqa: F401  (imports are not part of the timed phases)
+    import lorakit.data.prepare  # noqa: F401  (imports are not part of the timed phases)
 
     spec = json.loads(Path(spec_path).read_text())
     if spec["kind"] == "lorakit":

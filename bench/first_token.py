@@ -65,7 +65,7 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> float:
 
 def measure(rounds: int = 3) -> dict:
     """Spawn-to-exit seconds of each command, `rounds` alternating runs after one warm-up run."""
-    from lorakit.models import pull_embedded
+    from lorakit.models.embedded import pull_embedded
 
     model = pull_embedded()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}

@@ -242,7 +242,7 @@ def prepare_context(args, workdir: Path) -> dict:
         path = str(fixtures.tiny_llama(workdir / "models" / "tiny-llama"))
         ctx.update(model_dir=path, lorakit_model=path, label="tiny-llama")
     else:
-        from lorakit.models import resolve
+        from lorakit.models.reference import resolve
 
         try:
             path = resolve(EMBEDDED, pull=False).path

@@ -135,14 +135,13 @@ def lorakit_recipe(spec: dict) -> dict:
 
 
 def run_lorakit(spec: dict, timer) -> dict:
-    """lorakit.train.train(recipe), with the timer attached through two module-level names."""
-    import lorakit.models as lk_models
-    import lorakit.train as lk_train
+    """lorakit.training.run.train(recipe), with the timer attached through two module-level names."""
+    import lorakit.training.run as lk_train
     from lorakit.recipe import validate_recipe
 
     timing: dict = {}
     setup: dict = {}
-    load_model = lk_models.load_model
+    load_model = lk_train.load_model
 
     def timed_load_model(*args, **kwargs):
         started = time.perf_counter()
@@ -157,7 +156,7 @@ def run_lorakit(spec: dict, timer) -> dict:
             super().__init__(*args, **kwargs)
             setup.update(common.instrument(self, timer))
 
-    lk_models.load_model = timed_load_model
+    lk_train.load_model = timed_load_model
     lk_train.sft_trainer_class = lambda: Instrumented
     recipe = validate_recipe(lorakit_recipe(spec), "bench", default_name=spec["name"])
     result = lk_train.train(recipe, overwrite=True)

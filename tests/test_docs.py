@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from conftest import ROOT
-from lorakit.recipe import REFERENCE_END, REFERENCE_START, reference_markdown
+from lorakit.recipe.reference import REFERENCE_END, REFERENCE_START, reference_markdown
 
 README = (ROOT / "README.md").read_text()
 

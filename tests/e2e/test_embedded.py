@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import read_meta, run_cli
-from lorakit import generate
+from lorakit.store.loader import load
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +41,7 @@ def test_plain_peft_loads_adapter_with_the_same_logits(quickstart, workdir, embe
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     base = AutoModelForCausalLM.from_pretrained(embedded)
     plain = PeftModel.from_pretrained(base, str(workdir / "adapters" / "quickstart")).eval()
-    ours = generate.load(workdir / "adapters", "quickstart")
+    ours = load(workdir / "adapters", "quickstart")
     with torch.no_grad():
         want = plain(input_ids=ids).logits
         got = ours.model(input_ids=ids).logits

@@ -20,11 +20,18 @@ import pytest
 import torch
 
 from conftest import RECIPES, run_cli, tiny_recipe, write_recipe
-from lorakit import adapters, generate, models
-from lorakit.data import IGNORE, prepare, read_records
+from lorakit.data.prepare import prepare
+from lorakit.data.sources import read_records
+from lorakit.data.tokens import IGNORE
 from lorakit.errors import LorakitError
+from lorakit.models.architecture import check_quantizable, skeleton
+from lorakit.models.load import load_model
+from lorakit.models.reference import resolve
+from lorakit.models.tokenizer import load_tokenizer
 from lorakit.recipe import BaseModelSection, DataSection, DataSource, RecipeError, validate_recipe
-from lorakit.train import train
+from lorakit.store.adapters import list_adapters
+from lorakit.store.loader import load
+from lorakit.training.run import train
 
 TIDES = RECIPES / "data" / "tides.txt"
 EXIT_INPUT = 2
@@ -133,7 +140,7 @@ def test_one_enormous_line_is_chunked_into_blocks(tiny_llama, tmp_path):
     path = tmp_path / "one-line.txt"
     path.write_text(text)
     assert path.stat().st_size == 2_000_000 and "\n" not in text
-    tok = models.load_tokenizer(models.resolve(str(tiny_llama)))
+    tok = load_tokenizer(resolve(str(tiny_llama)))
     block = 128
     section = DataSection(sources=[DataSource(path=str(path), split="line")], block_size=block, eval_split=0.05)
     prep = prepare(section, tok, seed=0)
@@ -178,7 +185,7 @@ def test_jsonl_rows_may_contain_unicode_line_separators(tmp_path):
 def test_missing_local_model_dir(tmp_path, monkeypatch, ref):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LorakitError, match="model directory not found") as info:
-        models.resolve(ref)
+        resolve(ref)
     assert ref.lstrip("./~").split("/")[-1] in str(info.value)
 
 
@@ -193,10 +200,10 @@ def test_missing_local_model_dir(tmp_path, monkeypatch, ref):
 )
 def test_corrupt_weights_are_a_clear_error(tiny_llama, tmp_path, how):
     broken = corrupt_copy(tiny_llama, tmp_path / "model", how)
-    ref = models.resolve(str(broken))
-    models.skeleton(ref)  # the config is fine: the damage shows only when the weights are read
+    ref = resolve(str(broken))
+    skeleton(ref)  # the config is fine: the damage shows only when the weights are read
     try:
-        models.load_model(ref, BaseModelSection(name=str(broken)), dev=CPU)
+        load_model(ref, BaseModelSection(name=str(broken)), dev=CPU)
     except LorakitError as e:
         assert str(broken) in str(e) and "safetensors" in str(e)
     except Exception as e:
@@ -208,8 +215,8 @@ def test_corrupt_weights_are_a_clear_error(tiny_llama, tmp_path, how):
 def test_garbage_gguf_is_a_clear_error(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"\x00" * 64)
-    ref = models.resolve(str(path))
-    for step in (models.skeleton, models.load_tokenizer):
+    ref = resolve(str(path))
+    for step in (skeleton, load_tokenizer):
         with pytest.raises(LorakitError, match="GGUF magic") as info:
             step(ref)
         assert str(path) in str(info.value)
@@ -228,7 +235,7 @@ def test_gguf_of_an_unsupported_architecture(tmp_path):
 def test_unsupported_gguf_message_names_the_file(tmp_path):
     path = madeup_gguf(tmp_path / "tiny-madeup.gguf")
     with pytest.raises(LorakitError) as info:
-        models.skeleton(models.resolve(str(path)))
+        skeleton(resolve(str(path)))
     assert str(path) in str(info.value)
 
 
@@ -255,7 +262,7 @@ def tampered(store: Path, result, name: str, **config) -> str:
 
 def test_good_adapter_loads(adapter_store):
     store, result = adapter_store
-    loaded = generate.load(store, "good")
+    loaded = load(store, "good")
     assert loaded.adapter == "good" and loaded.meta["recipe"]["lora"]["r"] == 4
 
 
@@ -263,7 +270,7 @@ def test_adapter_rank_differing_from_its_recipe_is_named(adapter_store):
     store, result = adapter_store
     name = tampered(store, result, "rank8", r=8)
     with pytest.raises(LorakitError) as info:
-        generate.load(store, name)
+        load(store, name)
     assert "r" in str(info.value) and "8" in str(info.value) and "4" in str(info.value)
 
 
@@ -271,7 +278,7 @@ def test_adapter_targets_differing_from_its_recipe_are_named(adapter_store):
     store, result = adapter_store
     name = tampered(store, result, "fewer-targets", target_modules=["q_proj", "v_proj"])
     with pytest.raises(LorakitError, match="target_modules"):
-        generate.load(store, name)
+        load(store, name)
 
 
 def test_adapter_without_weights_is_incomplete(adapter_store):
@@ -279,15 +286,15 @@ def test_adapter_without_weights_is_incomplete(adapter_store):
     shutil.copytree(result.path, store / "no-weights")
     (store / "no-weights" / "adapter_model.safetensors").unlink()
     with pytest.raises(LorakitError, match=r"adapter 'no-weights' is incomplete: missing adapter_model\.safetensors"):
-        generate.load(store, "no-weights")
+        load(store, "no-weights")
 
 
 def test_adapter_without_weights_is_not_listed(adapter_store):
     store, result = adapter_store
     shutil.copytree(result.path, store / "weightless")
     (store / "weightless" / "adapter_model.safetensors").unlink()
-    assert "good" in {row["name"] for row in adapters.list_adapters(store)}
-    assert "weightless" not in {row["name"] for row in adapters.list_adapters(store)}
+    assert "good" in {row["name"] for row in list_adapters(store)}
+    assert "weightless" not in {row["name"] for row in list_adapters(store)}
 
 
 # --- quantization on a machine without bitsandbytes ---------------------------------------------------
@@ -295,13 +302,13 @@ def test_adapter_without_weights_is_not_listed(adapter_store):
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_quantization_without_bitsandbytes(tiny_llama, monkeypatch, bits):
-    skeleton = models.skeleton(models.resolve(str(tiny_llama)))
+    meta_model = skeleton(resolve(str(tiny_llama)))
     section = BaseModelSection(name=str(tiny_llama), quantization=bits)
-    models.check_quantizable(skeleton, section)  # fine where bitsandbytes imports
+    check_quantizable(meta_model, section)  # fine where bitsandbytes imports
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     with pytest.raises(LorakitError, match=f"quantization {bits} needs bitsandbytes"):
-        models.check_quantizable(skeleton, section)
-    models.check_quantizable(skeleton, BaseModelSection(name=str(tiny_llama)))  # unquantized: no need
+        check_quantizable(meta_model, section)
+    check_quantizable(skeleton, BaseModelSection(name=str(tiny_llama)))  # unquantized: no need
 
 
 # --- numbers a recipe should not accept ---------------------------------------------------------------

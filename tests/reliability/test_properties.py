@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from conftest import RECIPES
 from lorakit.recipe import (
-    NAME_PATTERN,
     BaseModelSection,
     DataSection,
     DataSource,
@@ -29,10 +28,11 @@ from lorakit.recipe import (
     Recipe,
     RecipeError,
     TrainSection,
-    apply_overrides,
     load_recipe,
     validate_recipe,
 )
+from lorakit.recipe.load import apply_overrides
+from lorakit.recipe.schema import NAME_PATTERN
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

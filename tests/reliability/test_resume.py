@@ -11,10 +11,21 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RECIPES, tiny_recipe
-from lorakit import runs
 from lorakit.errors import LorakitError
 from lorakit.recipe import validate_recipe
-from lorakit.train import train
+from lorakit.training.callbacks import GracefulStop
+from lorakit.training.checkpoints import (
+    MARKER,
+    RUN_FILE,
+    STAGING,
+    Interrupted,
+    checkpoints,
+    find_resume,
+    mark_complete,
+    prune,
+    write_run,
+)
+from lorakit.training.run import train
 
 TIDES = RECIPES / "data" / "tides.txt"
 
@@ -33,14 +44,14 @@ def losses(root, name):
 
 def interrupt_at(monkeypatch, step):
     """Deliver a real SIGINT to this process at the end of `step`, as Ctrl-C would."""
-    original = runs.GracefulStop.on_step_end
+    original = GracefulStop.on_step_end
 
     def hooked(self, args, state, control, **kw):
         if state.global_step == step and not self.requested:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, args, state, control, **kw)
 
-    monkeypatch.setattr(runs.GracefulStop, "on_step_end", hooked)
+    monkeypatch.setattr(GracefulStop, "on_step_end", hooked)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +65,15 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(uninterrupted, tiny_
     root_a, result_a = uninterrupted
     r = recipe(tiny_llama, tmp_path, "run")
     interrupt_at(monkeypatch, 3)  # mid-epoch, and between two checkpoint steps
-    with pytest.raises(runs.Interrupted) as exc:
+    with pytest.raises(Interrupted) as exc:
         train(r)
     assert exc.value.step == 3 and exc.value.checkpoint.name == "checkpoint-3"
-    assert (exc.value.checkpoint / runs.MARKER).is_file()
-    assert json.loads((exc.value.checkpoint / runs.RUN_FILE).read_text())["recipe"]["lora"]["r"] == 4
+    assert (exc.value.checkpoint / MARKER).is_file()
+    assert json.loads((exc.value.checkpoint / RUN_FILE).read_text())["recipe"]["lora"]["r"] == 4
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
         p.name for p in exc.value.checkpoint.iterdir()
     }
-    assert not (tmp_path / "runs" / "run" / runs.STAGING).exists()
+    assert not (tmp_path / "runs" / "run" / STAGING).exists()
     assert not (tmp_path / "adapters" / "run").exists()  # nothing half-done in the store
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.undo()
@@ -80,7 +91,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(uninterrupted, tiny_
         assert lb[step][1] == pytest.approx(la[step][1], rel=1e-9), step
     assert result_b.metrics["eval_loss_before"] == result_a.metrics["eval_loss_before"]
     assert result_b.metrics["eval_loss_after"] == pytest.approx(result_a.metrics["eval_loss_after"], rel=1e-5)
-    assert not runs.checkpoints(tmp_path / "runs" / "run", complete_only=False)  # cleaned up at the end
+    assert not checkpoints(tmp_path / "runs" / "run", complete_only=False)  # cleaned up at the end
 
 
 def test_qlora_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch):
@@ -90,7 +101,7 @@ def test_qlora_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeyp
     straight = train(recipe(tiny_llama, tmp_path / "a", "run", **q))
     r = recipe(tiny_llama, tmp_path / "b", "run", **q)
     interrupt_at(monkeypatch, 3)
-    with pytest.raises(runs.Interrupted):
+    with pytest.raises(Interrupted):
         train(r)
     monkeypatch.undo()
     resumed = train(r, resume=True)
@@ -104,7 +115,7 @@ def test_qlora_resume_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeyp
 
 def test_resume_with_a_changed_recipe_is_refused(tiny_llama, tmp_path, monkeypatch):
     interrupt_at(monkeypatch, 2)
-    with pytest.raises(runs.Interrupted):
+    with pytest.raises(Interrupted):
         train(recipe(tiny_llama, tmp_path, "run"))
     monkeypatch.undo()
     changed = recipe(tiny_llama, tmp_path, "run", lora={"r": 8}, data={"block_size": 32})
@@ -122,9 +133,9 @@ def test_resume_ignores_an_unfinished_checkpoint(tmp_path):
     for step, complete in ((2, True), (4, True), (6, False)):
         (run_dir / f"checkpoint-{step}").mkdir(parents=True)
         if complete:
-            runs.mark_complete(run_dir / f"checkpoint-{step}")
-    runs.write_run(run_dir, {"resume_key": {"a": 1}})
-    ckpt, _ = runs.find_resume(run_dir, {"a": 1}, force=False)
+            mark_complete(run_dir / f"checkpoint-{step}")
+    write_run(run_dir, {"resume_key": {"a": 1}})
+    ckpt, _ = find_resume(run_dir, {"a": 1}, force=False)
     assert ckpt.name == "checkpoint-4"
 
 
@@ -132,8 +143,8 @@ def test_prune_keeps_the_newest_complete_checkpoint(tmp_path):
     for step in (2, 4, 6, 8):
         (tmp_path / f"checkpoint-{step}").mkdir()
         if step != 8:
-            runs.mark_complete(tmp_path / f"checkpoint-{step}")
-    runs.prune(tmp_path, keep=1)
+            mark_complete(tmp_path / f"checkpoint-{step}")
+    prune(tmp_path, keep=1)
     # checkpoint-8 is still being written (no marker) and is newer: it stays, and so does 6.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]
 
@@ -144,7 +155,7 @@ def test_resume_without_checkpoints_says_how_to_get_them(tiny_llama, tmp_path):
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-    stop = runs.GracefulStop(say=lambda m: None)
+    stop = GracefulStop(say=lambda m: None)
     stop.on_train_begin(None, None, None)
     try:
         stop.request()

@@ -11,10 +11,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES, tiny_recipe
-from lorakit import adapters
 from lorakit.errors import LorakitError
 from lorakit.recipe import validate_recipe
-from lorakit.train import train
+from lorakit.store.adapters import list_adapters
+from lorakit.training.run import train
 
 TIDES = RECIPES / "data" / "tides.txt"
 
@@ -38,7 +38,7 @@ def test_disk_full_during_the_final_save_keeps_the_previous_adapter(tiny_llama, 
 
     assert {p.name: p.read_bytes() for p in first.path.iterdir()} == before
     assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["kept"]  # no .tmp-/.old- leftovers
-    assert [r["name"] for r in adapters.list_adapters(tmp_path / "adapters")] == ["kept"]
+    assert [r["name"] for r in list_adapters(tmp_path / "adapters")] == ["kept"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(first.path))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()

@@ -24,10 +24,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES, read_meta, run_cli, tiny_recipe, write_recipe
-from lorakit import models, runs
-from lorakit.data import content_hash, prepare
+from lorakit.data.cache import content_hash
+from lorakit.data.prepare import prepare
+from lorakit.models.architecture import choose_targets
+from lorakit.models.reference import resolve
+from lorakit.models.tokenizer import load_tokenizer
 from lorakit.recipe import validate_recipe
-from lorakit.train import build_lora_config, build_sft_config, make_plan, sft_trainer_class, train
+from lorakit.training.checkpoints import MARKER, checkpoints
+from lorakit.training.plan import make_plan
+from lorakit.training.run import train
+from lorakit.training.trainer import build_lora_config, build_sft_config, sft_trainer_class
 
 TIDES = RECIPES / "data" / "tides.txt"
 IGNORE = -100
@@ -56,12 +62,12 @@ def lorakit_trainer(model_dir: Path, tmp_path: Path, packing: bool, **sections):
     r = validate_recipe(
         tiny_recipe(model_dir, data, data={"sources": [{"path": str(data), "split": "line"}]}, **sections), "t"
     )
-    ref = models.resolve(str(model_dir))
-    tok = models.load_tokenizer(ref)
+    ref = resolve(str(model_dir))
+    tok = load_tokenizer(ref)
     train_ds, _ = prepare(r.data, tok, r.train.seed).datasets()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
-    targets, fan = models.choose_targets(model, r.lora.target_modules)
+    targets, fan = choose_targets(model, r.lora.target_modules)
     args = build_sft_config(r, tmp_path / "out", make_plan(r), packing=packing, has_eval=False)
     return sft_trainer_class()(
         model=model,
@@ -262,9 +268,9 @@ def test_ctrl_c_through_the_cli_checkpoints_and_resumes(tiny_llama, tmp_path):
     assert m, stderr
     step = int(m.group(1))
     assert 3 <= step < 400
-    done = runs.checkpoints(tmp_path / "runs" / "tiny")
+    done = checkpoints(tmp_path / "runs" / "tiny")
     assert [p.name for p in done] == [f"checkpoint-{step}"]
-    assert (done[0] / runs.MARKER).is_file() and (done[0] / "adapter_model.safetensors").is_file()
+    assert (done[0] / MARKER).is_file() and (done[0] / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "adapters" / "tiny").exists()  # no adapter from an interrupted run
 
     res = run_cli("train", "recipe.yaml", "--resume", "--set", f"train.max_steps={step + 3}", cwd=tmp_path)
@@ -273,4 +279,4 @@ def test_ctrl_c_through_the_cli_checkpoints_and_resumes(tiny_llama, tmp_path):
     assert meta["metrics"]["steps"] == step + 3
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert logged[-3:] == [step + 1, step + 2, step + 3]
-    assert not runs.checkpoints(tmp_path / "runs" / "tiny", complete_only=False)  # cleaned up
+    assert not checkpoints(tmp_path / "runs" / "tiny", complete_only=False)  # cleaned up

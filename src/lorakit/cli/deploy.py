@@ -71,7 +71,7 @@ def merge(
         if out is None:
             raise LorakitError("say where the merged model goes: --out DIR")
         quiet_libraries()
-        from lorakit.merge import merge_adapter
+        from lorakit.deploy.merge import merge_adapter
 
         with console.status(f"merging {escape(names[0])}"):
             report = merge_adapter(
@@ -81,7 +81,7 @@ def merge(
         return
     if out is None and into_adapter is None:
         raise LorakitError("combining adapters writes a new adapter (--into-adapter NAME) or a model (--out DIR)")
-    from lorakit import combine
+    from lorakit.deploy import combine
 
     weight_list = combine.check_request(names, weight_list, method, density)
     quiet_libraries()
@@ -156,7 +156,7 @@ def export(
 ):
     """Export a merged model (or an adapter, merged first) as a model folder, a GGUF file, or for Ollama."""
     quiet_libraries()
-    from lorakit.export import export_model
+    from lorakit.deploy.export import export_model
 
     with console.status(f"exporting {escape(source)}"):
         path = export_model(source, format_, out, quant, overwrite=overwrite, store=store, say=say)

@@ -35,7 +35,7 @@ def adapters_list(
     store: StoreOpt = "adapters",
 ):
     """List the adapters in the store."""
-    from lorakit.adapters import list_adapters
+    from lorakit.store.adapters import list_adapters
 
     rows = [r for r in list_adapters(store) if base is None or base in str(r["base_model"])]
     if as_json:
@@ -60,7 +60,7 @@ def adapters_cp(
     store: StoreOpt = "adapters",
 ):
     """Copy an adapter under a new name."""
-    from lorakit.adapters import copy_adapter
+    from lorakit.store.adapters import copy_adapter
 
     say(f"copied {src!r} to {copy_adapter(store, src, dst, overwrite)}")
 
@@ -73,7 +73,7 @@ def adapters_rename(
     store: StoreOpt = "adapters",
 ):
     """Rename an adapter (one atomic step)."""
-    from lorakit.adapters import rename_adapter
+    from lorakit.store.adapters import rename_adapter
 
     say(f"renamed {src!r} to {rename_adapter(store, src, dst)}")
 
@@ -87,7 +87,7 @@ def adapters_import(
     store: StoreOpt = "adapters",
 ):
     """Register a PEFT adapter made elsewhere (marked as imported)."""
-    from lorakit.adapters import import_adapter
+    from lorakit.store.adapters import import_adapter
 
     say(f"imported {path} as {import_adapter(store, path, name, overwrite)}")
 
@@ -102,7 +102,7 @@ def adapters_show(
     """Show how an adapter was made: base model, method, targets, data mix, metrics, versions, recipe."""
     import yaml
 
-    from lorakit.adapters import adapter_dir, load_meta
+    from lorakit.store.adapters import adapter_dir, load_meta
 
     meta = load_meta(store, name)
     if as_json:
@@ -186,7 +186,7 @@ def adapters_rm(
     store: StoreOpt = "adapters",
 ):
     """Delete an adapter from the store (asks first unless --yes)."""
-    from lorakit.adapters import remove_adapter
+    from lorakit.store.adapters import remove_adapter
 
     def confirm(path: Path) -> bool:
         if yes:
@@ -208,8 +208,8 @@ def adapters_rm(
 @user_errors
 def cache_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """List the prepared-data entries: size, when last used, the data they were made from."""
-    from lorakit import cache
-    from lorakit.data import cache_root
+    from lorakit.data import cache
+    from lorakit.data.cache import cache_root
 
     found = cache.entries()
     if as_json:
@@ -238,8 +238,8 @@ def cache_clear(
     """Remove prepared data (all of it, or what has not been used lately). Runs prepare it again when needed."""
     import time
 
-    from lorakit import cache
-    from lorakit.data import cache_root
+    from lorakit.data import cache
+    from lorakit.data.cache import cache_root
 
     found = cache.entries()
     if older_than is not None:

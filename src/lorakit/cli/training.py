@@ -76,8 +76,8 @@ def train(
 
     r = load_recipe(recipe, set_ or [])
     quiet_libraries()
-    from lorakit import train as train_mod
-    from lorakit.runs import Interrupted
+    from lorakit.training import run as train_mod
+    from lorakit.training.checkpoints import Interrupted
 
     display = TrainDisplay()
     try:
@@ -125,7 +125,7 @@ def recipe_validate(files: Annotated[list[Path], typer.Argument(help="Recipe fil
 @recipe_app.command("schema")
 def recipe_schema():
     """Print the recipe JSON Schema (for editor completion)."""
-    from lorakit.recipe import recipe_json_schema
+    from lorakit.recipe.reference import recipe_json_schema
 
     print(json.dumps(recipe_json_schema(), indent=2))
 
@@ -142,7 +142,7 @@ def models_pull(
 ):
     """Fetch and convert the embedded model (once)."""
     quiet_libraries()
-    from lorakit.models import pull_embedded
+    from lorakit.models.embedded import pull_embedded
 
     name = name.removeprefix("embedded:")
     with console.status(f"preparing embedded:{name}"):
@@ -153,7 +153,7 @@ def models_pull(
 @models_app.command("list")
 def models_list():
     """Show embedded models and whether they are cached."""
-    from lorakit.models import list_embedded
+    from lorakit.models.embedded import list_embedded
 
     table = new_table("name", "cached", "size", "description", "path")
     for row in list_embedded():

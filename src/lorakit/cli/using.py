@@ -70,13 +70,14 @@ def generate(
         raise LorakitError("give a prompt, or --prompts FILE (not both)")
     passive_threads()
     quiet_libraries()
-    from lorakit import generate as gen
+    from lorakit.store import loader
+    from lorakit.use import generate as gen
 
     opts = dict(style=style, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if prompts is not None:
         names = [] if base_only else list(adapter or [])
         items = gen.read_prompts(prompts, names[0] if names else None, names)
-        loaded = gen.load(store, names, base)
+        loaded = loader.load(store, names, base)
         for i in range(0, len(items), batch_size):
             batch = items[i : i + batch_size]
             for j, (item, text) in enumerate(zip(batch, gen.generate_batch(loaded, batch, **opts), strict=True)):
@@ -84,7 +85,7 @@ def generate(
         return
     from transformers import TextStreamer
 
-    loaded = gen.load(store, None if base_only else adapter, base)
+    loaded = loader.load(store, None if base_only else adapter, base)
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     outputs = [(n, f"adapter {n}") for n in loaded.adapters] or [(None, "base model")]
     if compare and loaded.adapters:
@@ -124,9 +125,10 @@ def chat(
     quiet_libraries()
     from transformers import TextStreamer
 
-    from lorakit import generate as gen
+    from lorakit.store import loader
+    from lorakit.use import generate as gen
 
-    loaded = gen.load(store, None if base_only else adapter, base)
+    loaded = loader.load(store, None if base_only else adapter, base)
     if not loaded.tokenizer.chat_template:
         raise LorakitError(f"{adapter or 'the base model'} has no chat template; use `lorakit generate` instead")
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -178,7 +180,7 @@ def eval_(
 ):
     """Loss and perplexity on a data file: base, adapters and merged models side by side."""
     quiet_libraries()
-    from lorakit.evaluate import evaluate
+    from lorakit.use.evaluate import evaluate
 
     with console.status("evaluating"):
         rows = evaluate(data, format_, adapter, base_only, model, store=store, base=base, block_size=block_size)

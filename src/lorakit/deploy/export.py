@@ -1,0 +1,53 @@
+"""`lorakit export`: a merged model (or an adapter, merged first) as a model folder, a GGUF file or for Ollama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit.deploy.gguf import export_gguf
+from lorakit.deploy.ollama import stop_tokens, write_modelfile
+from lorakit.errors import LorakitError
+
+FORMATS = ("hf", "gguf", "ollama")
+
+
+def export_model(
+    source: str, fmt: str, out: Path, qtype: str = "f16", overwrite: bool = False, store="adapters", say=print
+) -> Path:
+    """Export a merged model folder, or an adapter merged first (`source` names one in the store)."""
+    import shutil
+    import tempfile
+
+    from lorakit.deploy.merge import check_out, merge_adapter
+
+    if fmt not in FORMATS:
+        raise LorakitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out).expanduser().resolve()
+    model_dir = Path(source).expanduser()
+    is_dir = (model_dir / "config.json").is_file()
+    if not is_dir and ("/" in source or model_dir.exists()):
+        raise LorakitError(f"{source} is not a model directory (no config.json in it)")
+    if fmt == "hf":
+        if is_dir:
+            out = check_out(out, overwrite, keep=[model_dir])
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(model_dir, out)
+        else:
+            merge_adapter(store, source, out, overwrite=overwrite, say=say)
+        return out
+    name = model_dir.resolve().name if is_dir else source
+    gguf_file = out / f"{name}.gguf" if fmt == "ollama" else out
+    if fmt == "ollama":
+        check_out(out, overwrite, keep=[model_dir] if is_dir else [])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merge-") as tmp:
+        if not is_dir:
+            say(f"merging adapter {source!r} first")
+            model_dir = merge_adapter(store, source, Path(tmp) / "merged", say=say).out
+        report = export_gguf(model_dir, gguf_file, qtype, overwrite=overwrite, say=say)
+        if fmt == "ollama":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            write_modelfile(report.out, tok.chat_template, stop_tokens(tok))
+    return out

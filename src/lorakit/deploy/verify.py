@@ -1,0 +1,106 @@
+"""Checking a deployed model against its source: sample texts, their logits, the largest difference, perplexity."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.data.formats import format_records
+from lorakit.data.sources import read_records
+from lorakit.data.split import MIN_DOCS_FOR_DOC_SPLIT, split_eval
+from lorakit.data.tokens import IGNORE, Example
+from lorakit.errors import LorakitError
+from lorakit.recipe import DataSection
+
+SAMPLE_DOCS = 4
+SAMPLE_TOKENS = 128
+BUILTIN_TEXT = (
+    "The keeper climbed the stairs of the lighthouse at dusk, trimmed the wick and wound the clockwork "
+    "that turned the lens. Out on the water the tide was turning, and the fishing boats came home one by "
+    "one, guided by the beam that swept across the harbour every ten seconds."
+)
+
+
+def verification_samples(meta: dict[str, Any], tokenizer) -> tuple[list[Example], str]:
+    """A few documents of the adapter's own data (held-out ones first), else a fixed text; and what they are."""
+    recipe = meta.get("recipe", {})
+    try:
+        section = DataSection.model_validate(recipe["data"])
+        records, n_held, source = _sample_records(section, recipe.get("train", {}).get("seed", 42))
+        examples = format_records(tokenizer, records, section.sources[0].format)
+    except (KeyError, ValueError, OSError, LorakitError):  # no recipe, or its data has moved or changed
+        examples, n_held, source = [], 0, ""
+    samples = [Example(e.input_ids[:SAMPLE_TOKENS], e.labels[:SAMPLE_TOKENS]) for e in examples]
+    if not samples:
+        ids = tokenizer(BUILTIN_TEXT)["input_ids"][:SAMPLE_TOKENS]
+        return [Example(ids, ids)], "a built-in text (the adapter's training data is not available)"
+    n = len(samples)
+    kinds = ([f"{n_held} held-out"] if n_held else []) + ([f"{n - n_held} training"] if n > n_held else [])
+    return samples, f"{' and '.join(kinds)} document{'s' * (n != 1)} of {source} (first {SAMPLE_TOKENS} tokens each)"
+
+
+def _sample_records(section: DataSection, seed: int) -> tuple[list[dict], int, str]:
+    """Up to SAMPLE_DOCS records of the first source, held-out ones first: (records, how many held out, source)."""
+    first = section.sources[0]
+    if isinstance(section.eval_split, str):
+        held = read_records(first.model_copy(update={"path": section.eval_split}))[:SAMPLE_DOCS]
+        return held, len(held), Path(section.eval_split).name
+    records = read_records(first)
+    order = list(range(len(records)))
+    n_held = 0
+    if section.eval_split > 0 and len(records) >= MIN_DOCS_FOR_DOC_SPLIT:
+        # data.prepare splits the first source with a fresh Random(seed) over its documents, one example
+        # per record: the same call on the record indices finds the documents it held out.
+        _, held = split_eval(order, section.eval_split, random.Random(seed))
+        order = held + sorted(set(order) - set(held))
+        n_held = min(len(held), SAMPLE_DOCS)
+    return [records[i] for i in order[:SAMPLE_DOCS]], n_held, Path(first.path).name
+
+
+def forward(model, samples: list[Example]) -> list[torch.Tensor]:
+    """Float32 logits on the CPU, one (tokens, vocab) tensor per sample."""
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        return [
+            model(input_ids=torch.tensor([s.input_ids], device=dev), use_cache=False).logits[0].float().cpu()
+            for s in samples
+        ]
+
+
+def compare(model, samples: list[Example], reference: list[torch.Tensor]) -> tuple[float, float]:
+    """The largest |logit - reference| over the samples (NaN if any is NaN), and the model's perplexity,
+    holding one sample's logits at a time."""
+    dev = next(model.parameters()).device
+    diff, total, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for s, ref in zip(samples, reference, strict=True):
+            lg = model(input_ids=torch.tensor([s.input_ids], device=dev), use_cache=False).logits[0].float().cpu()
+            d = float((lg - ref).abs().max())
+            if diff == diff and not d <= diff:
+                diff = d
+            t, c = _nll(lg, s)
+            total, count = total + t, count + c
+            del lg
+    return diff, math.exp(total / max(count, 1))
+
+
+def _nll(logits: torch.Tensor, s: Example) -> tuple[float, int]:
+    """Summed next-token loss over supervised tokens (all tokens of a sample that has none), and their count."""
+    labels = torch.tensor(s.labels[1:])
+    if not (labels != IGNORE).any():
+        labels = torch.tensor(s.input_ids[1:])
+    loss = torch.nn.functional.cross_entropy(logits[:-1], labels, ignore_index=IGNORE, reduction="sum")
+    return float(loss), int((labels != IGNORE).sum())
+
+
+def perplexity(logits: list[torch.Tensor], samples: list[Example]) -> float:
+    """exp(mean next-token loss) over supervised tokens (all tokens of a sample that has none)."""
+    total, count = 0.0, 0
+    for lg, s in zip(logits, samples, strict=True):
+        t, c = _nll(lg, s)
+        total, count = total + t, count + c
+    return math.exp(total / max(count, 1))

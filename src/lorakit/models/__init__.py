@@ -1,0 +1,1 @@
+"""Base models: references, the embedded model, architecture and target modules, tokenizer, loading."""

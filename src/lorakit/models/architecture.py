@@ -1,0 +1,98 @@
+"""A model's architecture without its weights: config, module tree on the meta device, LoRA target modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError, short
+from lorakit.models.reference import ModelRef
+from lorakit.recipe import BaseModelSection
+
+
+def linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    types: list[type] = [nn.Linear, Conv1D]
+    try:
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except Exception:  # bitsandbytes is optional at inspection time
+        pass
+    return tuple(types)
+
+
+def load_config(ref: ModelRef, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code, **ref.load_args)
+    except (OSError, ValueError, KeyError) as e:
+        raise LorakitError(f"could not load the model config of {ref.label}: {short(e)}") from None
+    if hasattr(config, "quantization_config") and ref.gguf_file:
+        del config.quantization_config
+    return config
+
+
+def skeleton(ref: ModelRef, trust_remote_code: bool = False) -> nn.Module:
+    """The model's module tree on the meta device: no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(ref, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise LorakitError(f"{ref.path} is not a causal language model: {short(e)}") from None
+
+
+def linear_modules(model: nn.Module) -> dict[str, str]:
+    """Leaf linear layers of the blocks: full name -> class name (the output head excluded)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    types = linear_types()
+    return {
+        name: type(mod).__name__
+        for name, mod in model.named_modules()
+        if isinstance(mod, types) and mod is not head and name
+    }
+
+
+def choose_targets(model: nn.Module, spec: str | list[str]) -> tuple[list[str] | str, bool]:
+    """Resolve `lora.target_modules` against a model: (names for LoraConfig, fan_in_fan_out)."""
+    layers = linear_modules(model)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    if spec == "all-linear":
+        chosen = list(layers)
+    elif spec == "auto":
+        if not suffixes:
+            raise LorakitError("found no linear layers to adapt in this model")
+        chosen = list(layers)
+        spec = suffixes
+    else:
+        missing = [t for t in spec if not any(n == t or n.endswith("." + t) for n in layers)]
+        if missing:
+            raise LorakitError(
+                f"lora.target_modules: {', '.join(missing)} match no layer of this model; "
+                f"candidates: {', '.join(suffixes)}"
+            )
+        chosen = [n for n in layers if any(n == t or n.endswith("." + t) for t in spec)]
+    fan_in_fan_out = any(layers[n] == "Conv1D" for n in chosen)
+    return spec, fan_in_fan_out
+
+
+def check_quantizable(model: nn.Module, section: BaseModelSection) -> None:
+    if section.quantization == "none":
+        return
+    conv = [n for n, t in linear_modules(model).items() if t == "Conv1D"]
+    if conv:
+        raise LorakitError(
+            f"base_model.quantization {section.quantization}: bitsandbytes cannot quantize this model's "
+            f"Conv1D layers ({conv[0]}, ... {len(conv)} in all; GPT-2 style). Use quantization: none "
+            "(GPT-2 sizes fit in memory in full precision) or a model built from nn.Linear layers."
+        )
+    if section.quantization in {"4bit", "8bit"}:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:
+            raise LorakitError(f"quantization {section.quantization} needs bitsandbytes, which failed: {e}") from None

@@ -1,0 +1,222 @@
+"""The adapter store: one folder per adapter, in plain PEFT format plus `lorakit.json`.
+
+Writes are atomic: an adapter is assembled in a hidden temporary folder in the store and
+renamed into place, so a failed or interrupted save never leaves a half-written adapter and
+never damages the previous adapter of that name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+from lorakit.fs import fsync_tree
+from lorakit.recipe import check_name
+from lorakit.store.card import model_card
+from lorakit.store.metadata import META_FILE, REQUIRED, check_consistent, write_meta
+
+
+def adapter_dir(store: str | Path, name: str) -> Path:
+    """The folder of adapter `name`, guaranteed to lie directly inside the store."""
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise LorakitError(str(e)) from None
+    root = Path(store).resolve()
+    path = root / name
+    if path.is_symlink() or path.resolve().parent != root:
+        raise LorakitError(f"adapter {name!r} resolves outside the store {root}; refusing to use it")
+    return path
+
+
+def exists(store: str | Path, name: str) -> bool:
+    return (adapter_dir(store, name) / META_FILE).exists() or (adapter_dir(store, name) / REQUIRED[0]).exists()
+
+
+def save_adapter(
+    model, store: str | Path, name: str, meta: dict[str, Any], overwrite: bool = False, state_dict=None
+) -> Path:
+    """Write `model` (a PeftModel) as adapter `name`; replace an existing one only with `overwrite`.
+
+    `state_dict`: the model's weights gathered from several processes (FSDP, DeepSpeed), if they are sharded.
+    """
+    final = adapter_dir(store, name)
+    if exists(store, name) and not overwrite:
+        raise LorakitError(f"adapter {name!r} already exists in {final.parent}; use --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    old = final.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(name, meta))
+        fsync_tree(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as e:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise LorakitError(f"could not write adapter {name!r} to {final.parent}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_meta(store: str | Path, name: str) -> dict[str, Any]:
+    path = adapter_dir(store, name)
+    if not path.is_dir():
+        known = ", ".join(a["name"] for a in list_adapters(store)) or "none"
+        raise LorakitError(f"no adapter {name!r} in {Path(store).resolve()} (adapters: {known})")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise LorakitError(f"adapter {name!r} is incomplete: missing {', '.join(missing)}")
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        return {"name": name, "imported": True}
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LorakitError(f"{meta_file}: unreadable ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise LorakitError(f"{meta_file}: unreadable (not UTF-8 text)") from None
+    if not isinstance(meta, dict):
+        raise LorakitError(f"{meta_file}: unreadable (expected a JSON object, got {type(meta).__name__})")
+    check_consistent(path, meta)
+    return meta
+
+
+def list_adapters(store: str | Path) -> list[dict[str, Any]]:
+    root = Path(store)
+    if not root.is_dir():
+        return []
+    rows = []
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not d.is_dir() or not all((d / f).is_file() for f in REQUIRED):
+            continue
+        try:
+            meta = json.loads((d / META_FILE).read_text(encoding="utf-8")) if (d / META_FILE).is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
+        rows.append(_row(d, meta))
+    return rows
+
+
+def _row(d: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    try:
+        config = json.loads((d / REQUIRED[0]).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = {}
+    targets = meta.get("target_modules") or config.get("target_modules") or []
+    return {
+        "name": d.name,
+        "base_model": meta.get("base_model", {}).get("reference") or config.get("base_model_name_or_path") or "?",
+        "method": meta.get("method", "imported"),
+        "r": meta.get("recipe", {}).get("lora", {}).get("r", config.get("r")),
+        "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
+        "trainable_params": meta.get("trainable_params"),
+        "size": sum(f.stat().st_size for f in d.rglob("*") if f.is_file()),
+        "created": meta.get("created", ""),
+        "eval_loss": meta.get("metrics", {}).get("eval_loss_after"),
+        "imported": bool(meta.get("imported")),
+    }
+
+
+def _place(src: Path, store: str | Path, name: str, overwrite: bool, meta: dict[str, Any] | None) -> Path:
+    """Copy an adapter folder into the store as `name`, atomically; rewrite its lorakit.json."""
+    final = adapter_dir(store, name)
+    if exists(store, name) and not overwrite:
+        raise LorakitError(f"adapter {name!r} already exists in {final.parent}; use --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"))
+        if meta is not None:
+            write_meta(tmp, meta)
+            (tmp / "README.md").write_text(model_card(name, meta))
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as e:
+        raise LorakitError(f"could not write adapter {name!r} to {final.parent}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def copy_adapter(store: str | Path, src: str, dst: str, overwrite: bool = False) -> Path:
+    meta = load_meta(store, src)
+    return _place(adapter_dir(store, src), store, dst, overwrite, {**meta, "name": dst, "copied_from": src})
+
+
+def rename_adapter(store: str | Path, src: str, dst: str) -> Path:
+    meta = load_meta(store, src)
+    target = adapter_dir(store, dst)
+    if target.exists():
+        raise LorakitError(f"adapter {dst!r} already exists in {target.parent}; remove it first")
+    write_meta(adapter_dir(store, src), {**meta, "name": dst})
+    adapter_dir(store, src).rename(target)  # one atomic step within the store
+    return target
+
+
+def import_adapter(store: str | Path, path: Path, name: str | None = None, overwrite: bool = False) -> Path:
+    """Register a PEFT LoRA adapter made elsewhere, with what its adapter_config.json says."""
+    path = Path(path)
+    if not (path / REQUIRED[0]).is_file():
+        raise LorakitError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    if not (path / REQUIRED[1]).is_file():
+        hint = " (only adapter_model.bin: load it in PEFT and save again as safetensors)"
+        raise LorakitError(
+            f"{path}: no adapter_model.safetensors{hint if (path / 'adapter_model.bin').exists() else ''}"
+        )
+    try:
+        config = json.loads((path / REQUIRED[0]).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LorakitError(f"{path / REQUIRED[0]}: unreadable") from None
+    if config.get("peft_type") not in (None, "LORA"):
+        raise LorakitError(f"{path}: a {config.get('peft_type')} adapter; lorakit handles LoRA adapters")
+    name = name or path.resolve().name
+    base = config.get("base_model_name_or_path")
+    targets = config.get("target_modules") or []
+    meta = {
+        "name": name,
+        "imported": True,
+        "imported_from": str(path.resolve()),
+        "method": "DoRA" if config.get("use_dora") else "LoRA",
+        "base_model": {"reference": base, "fingerprint": None},
+        "recipe": {"lora": {"r": config.get("r")}, **({"base_model": {"name": base}} if base else {})},
+        "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
+        "lora_alpha": config.get("lora_alpha"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return _place(path, store, name, overwrite, meta)
+
+
+def remove_adapter(store: str | Path, name: str, confirm: Callable[[Path], bool] | None = None) -> Path | None:
+    """Delete adapter `name` (after `confirm(path)` agrees, if given); None if not confirmed.
+
+    The folder is renamed to a hidden one first, so the adapter leaves the store in one step.
+    """
+    path = adapter_dir(store, name)
+    if not path.is_dir() or not exists(store, name):
+        known = ", ".join(a["name"] for a in list_adapters(store)) or "none"
+        raise LorakitError(f"no adapter {name!r} in {Path(store).resolve()} (adapters: {known})")
+    if confirm is not None and not confirm(path):
+        return None
+    trash = path.parent / f".rm-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.rename(trash)
+    except OSError as e:
+        raise LorakitError(f"could not remove adapter {name!r} from {path.parent}: {e.strerror or e}") from None
+    # A failure here leaves only a hidden folder, which listing and loading ignore.
+    shutil.rmtree(trash, ignore_errors=True)
+    return path

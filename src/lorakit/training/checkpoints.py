@@ -1,0 +1,142 @@
+"""Runs in progress: checkpoints that are complete or ignored, and exact resume.
+
+A checkpoint is `runs/<name>/checkpoint-<step>/` as transformers writes it (adapter weights,
+optimizer, scheduler, RNG states of every library, trainer state with the data position) plus
+the run's recipe (`run.json`). It is written in `runs/<name>/.staging/`, flushed to disk, marked
+`.complete` and only then renamed into place. Resume only ever considers checkpoints with the
+marker, so a checkpoint cut short by a crash is never used."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+from lorakit.fs import fsync_tree
+from lorakit.recipe import Recipe
+
+MARKER = ".complete"
+RUN_FILE = "run.json"
+STAGING = ".staging"
+
+
+class Interrupted(LorakitError):
+    """Training stopped on Ctrl-C / SIGTERM after writing a checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step = step
+        self.checkpoint = checkpoint
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint could be written"
+        super().__init__(f"interrupted at step {step}; {where}")
+
+
+def step_of(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[-1])
+    except ValueError:
+        return -1
+
+
+def checkpoints(run_dir: Path, complete_only: bool = True) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and step_of(p) >= 0]
+    if complete_only:
+        found = [p for p in found if (p / MARKER).is_file()]
+    return sorted(found, key=step_of)
+
+
+def mark_complete(ckpt: Path) -> None:
+    fsync_tree(ckpt)
+    (ckpt / MARKER).write_text("ok\n")
+    fsync_tree(ckpt)
+
+
+def publish(staged: Path, run_dir: Path) -> Path:
+    """Move a fully written checkpoint from the staging folder into the run: copy the run's recipe
+    into it, flush it, mark it complete, and rename it into place (one atomic step)."""
+    if (run_dir / RUN_FILE).is_file():
+        shutil.copy2(run_dir / RUN_FILE, staged / RUN_FILE)
+    mark_complete(staged)
+    final = run_dir / staged.name
+    if final.exists():
+        shutil.rmtree(final)
+    staged.rename(final)
+    shutil.rmtree(staged.parent, ignore_errors=True)
+    return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older and unfinished ones. Never the newest."""
+    done = checkpoints(run_dir)
+    if not done:
+        return
+    newest = step_of(done[-1])
+    for p in done[: max(0, len(done) - max(keep, 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in checkpoints(run_dir, complete_only=False):
+        if not (p / MARKER).exists() and step_of(p) < newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resume_key(recipe: Recipe, base_fingerprint: str | None, data_hash: str) -> dict[str, Any]:
+    lora = recipe.lora.model_dump(mode="json")
+    return {
+        "base_model": recipe.base_model.name,
+        "base_fingerprint": base_fingerprint,
+        "quantization": recipe.base_model.quantization,
+        "data_content": data_hash,
+        "lora": lora,
+        "block_size": recipe.data.block_size,
+        "packing": recipe.data.packing,
+        "seed": recipe.train.seed,
+        "batch_size": recipe.train.batch_size,
+        "gradient_accumulation": recipe.train.gradient_accumulation,
+    }
+
+
+def write_run(run_dir: Path, info: dict[str, Any]) -> None:
+    tmp = run_dir / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    tmp.replace(run_dir / RUN_FILE)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def find_resume(run_dir: Path, key: dict[str, Any], force: bool) -> tuple[Path, dict[str, Any]]:
+    """The newest complete checkpoint, if the run it belongs to matches this recipe."""
+    done = checkpoints(run_dir)
+    if not done:
+        raise LorakitError(f"--resume: no complete checkpoint in {run_dir} (set train.save_every to write them)")
+    run = read_run(run_dir)
+    changes = _diff(run.get("resume_key", {}), key)
+    if changes and not force:
+        raise LorakitError(
+            "--resume: the recipe or its inputs changed since the checkpoint was written:\n  "
+            + "\n  ".join(changes)
+            + "\nresume anyway with --force, or start over with --overwrite"
+        )
+    return done[-1], run
+
+
+def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
+    if checkpoints(run_dir) and not overwrite:
+        raise LorakitError(
+            f"{run_dir} holds checkpoints of an unfinished run; continue it with --resume, "
+            "or start over with --overwrite"
+        )

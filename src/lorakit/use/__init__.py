@@ -1,0 +1,1 @@
+"""Using adapters: generation, chat and evaluation."""
