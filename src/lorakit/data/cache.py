@@ -7,11 +7,6 @@ them now)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lorakit.data.prepare import Prepared
-
 import contextlib
 import hashlib
 import io
@@ -28,7 +23,7 @@ import numpy as np
 
 from lorakit.data.formats import fast_backend
 from lorakit.data.sources import is_saved_dataset, source_files
-from lorakit.data.tokens import Tokens, offsets_of
+from lorakit.data.tokens import Prepared, Tokens, offsets_of
 from lorakit.fs import cache_dir, dir_size, sha256_file
 from lorakit.recipe import DataSection
 

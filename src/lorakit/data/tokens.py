@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
 import numpy as np
 
@@ -142,3 +144,45 @@ def to_dataset(tokens: Tokens, fingerprint: str):
     )
     # A fingerprint given spares `datasets` hashing every token to make one.
     return Dataset(InMemoryTable(table), fingerprint=fingerprint)
+
+
+@dataclass
+class Prepared:
+    """Train and eval examples, the report kept in the adapter's metadata, and whether the cache gave them.
+
+    `train` / `eval` build lists of `Example` (for small data and tests); training reads `datasets()`.
+    """
+
+    train_set: Tokens
+    eval_set: Tokens
+    report: dict[str, Any] = field(default_factory=dict)
+    cache: str = "off"  # "hit", "stored", "off", or why it could not be stored
+    cache_key: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def train(self) -> list[Example]:
+        return self.train_set.examples()
+
+    @property
+    def eval(self) -> list[Example]:
+        return self.eval_set.examples()
+
+    def datasets(self):
+        from datasets.fingerprint import generate_random_fingerprint
+
+        tag = self.cache_key or generate_random_fingerprint()
+        train = to_dataset(self.train_set, hashlib.sha256(f"{tag}:train".encode()).hexdigest()[:32])
+        if not len(self.eval_set):
+            return train, None
+        return train, to_dataset(self.eval_set, hashlib.sha256(f"{tag}:eval".encode()).hexdigest()[:32])
+
+    def origin(self) -> str:
+        """Where this data came from, for the run log."""
+        if self.cache == "hit":
+            return f"cached (key {self.cache_key[:12]}, loaded in {self.seconds:.1f} s)"
+        if self.cache == "stored":
+            return f"prepared in {self.seconds:.1f} s (cached as key {self.cache_key[:12]})"
+        if self.cache == "off":
+            return f"prepared in {self.seconds:.1f} s (data.cache is off)"
+        return f"prepared in {self.seconds:.1f} s (not cached: {self.cache})"
