@@ -185,3 +185,54 @@ def walkthrough(tmp_path_factory, embedded) -> Walkthrough:
     res = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=3600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return Walkthrough(work, res)
+
+
+# --- Plans for tests that build lorakit's pieces by hand (a CPU machine, as this one probes) ---
+
+
+def cpu_plan(recipe, targets="all-linear", fan_in_fan_out=False, packing=True):
+    """The training Plan of `recipe` on this CPU."""
+    from lorakit.plan import Machine, cpu_has_bf16, plan_training
+
+    plan = plan_training(recipe, Machine(cpu_bf16=cpu_has_bf16()), targets, fan_in_fan_out)
+    return plan if packing else plan.model_copy(update={"packing": "one per row"})
+
+
+def load_on_cpu(model_dir, section, compute: str | None = None):
+    """The base model of `section` as lorakit's loader loads it on a CPU (4-bit layers computing in `compute`)."""
+    from lorakit.models.load import load_model
+    from lorakit.models.reference import resolve
+    from lorakit.plan import Machine, plan_inference
+
+    plan = plan_inference("test", section, Machine())
+    if compute:
+        plan = plan.model_copy(update={"compute_dtype": compute})
+    return load_model(resolve(str(model_dir)), plan)
+
+
+# --- small trained adapters, shared by the deploy and use tests ---
+
+TIDES = RECIPES / "data" / "tides.txt"
+IDS = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def trained(model_dir: Path, tmp: Path, name: str, held_out: bool = False, data: Path = TIDES, **sections) -> Path:
+    """Train adapter `name` on `model_dir` into tmp/adapters (evaluating only if `held_out`); returns the store."""
+    body = tiny_recipe(model_dir, data, **sections)
+    body["train"] = {**body["train"], "max_steps": 4, "learning_rate": 2e-2}
+    body["data"] = {**body["data"], "eval_split": 0.1 if held_out else 0}
+    body["output"] = {"name": name, "store": str(tmp / "adapters"), "runs_dir": str(tmp / "runs")}
+    from lorakit.recipe import validate_recipe
+    from lorakit.training.run import train
+
+    train(validate_recipe(body, "test"), say=lambda *a: None)
+    return tmp / "adapters"
+
+
+def logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def quiet(*_):
+    pass

@@ -11,10 +11,9 @@ import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
-from test_merge import logits, quiet, trained
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, read_meta, run_cli
+from conftest import RECIPES, logits, quiet, read_meta, run_cli, trained
 from lorakit.deploy.combine import combine_adapters
 from lorakit.errors import LorakitError
 

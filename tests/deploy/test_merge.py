@@ -21,34 +21,17 @@ from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CHATML, RECIPES, read_meta, run_cli, tiny_recipe
+from conftest import CHATML, RECIPES, logits, quiet, read_meta, run_cli, trained
 from lorakit.data.prepare import prepare
 from lorakit.deploy.merge import DEFAULT_TOLERANCE, MERGE_FILE, merge_adapter, save_merged
 from lorakit.deploy.verify import verification_samples
 from lorakit.errors import LorakitError
 from lorakit.models.reference import resolve
 from lorakit.models.tokenizer import load_tokenizer
-from lorakit.recipe import DataSection, validate_recipe
+from lorakit.recipe import DataSection
 from lorakit.store.adapters import list_adapters, remove_adapter
-from lorakit.training.run import train
 
 TIDES = RECIPES / "data" / "tides.txt"
-IDS = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
-
-
-def trained(model_dir: Path, tmp: Path, name: str, held_out: bool = False, data: Path = TIDES, **sections) -> Path:
-    """Train adapter `name` on `model_dir` into tmp/adapters (evaluating only if `held_out`); returns the store."""
-    body = tiny_recipe(model_dir, data, **sections)
-    body["train"] = {**body["train"], "max_steps": 4, "learning_rate": 2e-2}
-    body["data"] = {**body["data"], "eval_split": 0.1 if held_out else 0}
-    body["output"] = {"name": name, "store": str(tmp / "adapters"), "runs_dir": str(tmp / "runs")}
-    train(validate_recipe(body, "test"), say=lambda *a: None)
-    return tmp / "adapters"
-
-
-def logits(model, ids=IDS) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def peft_logits(base_dir: Path, adapter: Path) -> torch.Tensor:
@@ -58,10 +41,6 @@ def peft_logits(base_dir: Path, adapter: Path) -> torch.Tensor:
 
 def plain(out: Path):
     return AutoModelForCausalLM.from_pretrained(out).eval()
-
-
-def quiet(*_):
-    pass
 
 
 @pytest.fixture(scope="module", autouse=True)

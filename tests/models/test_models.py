@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import load_on_cpu
 from lorakit.errors import LorakitError
 from lorakit.models.architecture import check_quantizable, choose_targets, skeleton
 from lorakit.models.embedded import list_embedded, pull_embedded
-from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, resolve, weights_fingerprint
 from lorakit.models.tokenizer import fix_pad_token
 from lorakit.recipe import BaseModelSection
@@ -87,7 +87,7 @@ def test_4bit_llama_loads_nf4_on_cpu(tiny_llama):
     import bitsandbytes as bnb
 
     section = BaseModelSection(name=str(tiny_llama), quantization="4bit")
-    model = load_model(resolve(str(tiny_llama)), section, compute=torch.float32)
+    model = load_on_cpu(tiny_llama, section, "float32")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 14  # 7 projections x 2 layers
     assert layers[0].weight.quant_type == "nf4"

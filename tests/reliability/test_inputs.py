@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RECIPES, run_cli, tiny_recipe, write_recipe
+from conftest import RECIPES, load_on_cpu, run_cli, tiny_recipe, write_recipe
 from lorakit.data.prepare import prepare
 from lorakit.data.sources import read_records
 from lorakit.data.tokens import IGNORE
 from lorakit.errors import LorakitError
 from lorakit.models.architecture import check_quantizable, skeleton
-from lorakit.models.load import load_model
 from lorakit.models.reference import resolve
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.recipe import BaseModelSection, DataSection, DataSource, RecipeError, validate_recipe
@@ -203,7 +202,7 @@ def test_corrupt_weights_are_a_clear_error(tiny_llama, tmp_path, how):
     ref = resolve(str(broken))
     skeleton(ref)  # the config is fine: the damage shows only when the weights are read
     try:
-        load_model(ref, BaseModelSection(name=str(broken)), dev=CPU)
+        load_on_cpu(broken, BaseModelSection(name=str(broken)))
     except LorakitError as e:
         assert str(broken) in str(e) and "safetensors" in str(e)
     except Exception as e:

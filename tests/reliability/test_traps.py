@@ -23,7 +23,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, read_meta, run_cli, tiny_recipe, write_recipe
+from conftest import RECIPES, cpu_plan, read_meta, run_cli, tiny_recipe, write_recipe
 from lorakit.data.cache import content_hash
 from lorakit.data.prepare import prepare
 from lorakit.models.architecture import choose_targets
@@ -31,7 +31,6 @@ from lorakit.models.reference import resolve
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.recipe import validate_recipe
 from lorakit.training.checkpoints import MARKER, checkpoints
-from lorakit.training.plan import make_plan
 from lorakit.training.run import train
 from lorakit.training.trainer import build_lora_config, build_sft_config, sft_trainer_class
 
@@ -68,13 +67,13 @@ def lorakit_trainer(model_dir: Path, tmp_path: Path, packing: bool, **sections):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
     targets, fan = choose_targets(model, r.lora.target_modules)
-    args = build_sft_config(r, tmp_path / "out", make_plan(r), packing=packing, has_eval=False)
+    args = build_sft_config(r, tmp_path / "out", cpu_plan(r, targets, fan, packing), has_eval=False)
     return sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
         processing_class=tok,
-        peft_config=build_lora_config(r, targets, fan),
+        peft_config=build_lora_config(r, cpu_plan(r, targets, fan)),
     )
 
 

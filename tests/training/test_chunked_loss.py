@@ -9,16 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, make_tiny_llama, tiny_recipe
+from conftest import RECIPES, cpu_plan, load_on_cpu, make_tiny_llama, tiny_recipe
 from lorakit.data.prepare import prepare
 from lorakit.models.architecture import choose_targets
-from lorakit.models.load import load_model
 from lorakit.models.reference import resolve
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.recipe import validate_recipe
 from lorakit.training.attention import ROW_MULTIPLE, use_packed_attention
 from lorakit.training.loss import chunked_loss_parts
-from lorakit.training.plan import make_plan
 from lorakit.training.trainer import build_lora_config, build_sft_config, sft_trainer_class
 
 TIDES = RECIPES / "data" / "tides.txt"
@@ -43,10 +41,10 @@ def build_trainer(model_dir, tmp_path, **lora):
     targets, fan = choose_targets(model, "auto")
     trainer = sft_trainer_class()(
         model=model,
-        args=build_sft_config(r, tmp_path, make_plan(r), packing=True, has_eval=False),
+        args=build_sft_config(r, tmp_path, cpu_plan(r, targets, fan), has_eval=False),
         train_dataset=train_ds,
         processing_class=tok,
-        peft_config=build_lora_config(r, targets, fan),
+        peft_config=build_lora_config(r, cpu_plan(r, targets, fan)),
     )
     torch.manual_seed(0)
     with torch.no_grad():
@@ -186,7 +184,7 @@ def test_quantized_base_keeps_no_checkpoint_mapped(tiny_llama):
     import gc
 
     section = validate_recipe(tiny_recipe(tiny_llama, TIDES, base_model={"quantization": "4bit"}), "t").base_model
-    model = load_model(resolve(str(tiny_llama)), section, compute=torch.bfloat16)
+    model = load_on_cpu(tiny_llama, section, "bfloat16")
     gc.collect()
     checkpoint = str((tiny_llama / "model.safetensors").resolve())
     assert not [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(checkpoint)]

@@ -9,9 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, tiny_recipe
-from lorakit.models.load import load_model
-from lorakit.models.reference import resolve
+from conftest import RECIPES, load_on_cpu, tiny_recipe
 from lorakit.recipe import validate_recipe
 from lorakit.training.runtime import (
     adapter_in_float32,
@@ -47,7 +45,7 @@ def qlora_model(tiny_llama):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     section = validate_recipe(tiny_recipe(tiny_llama, TIDES, base_model={"quantization": "4bit"}), "t").base_model
-    base = load_model(resolve(str(tiny_llama)), section, compute=torch.bfloat16)
+    base = load_on_cpu(tiny_llama, section, "bfloat16")
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     torch.manual_seed(0)
     return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))

@@ -10,15 +10,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, read_meta, tiny_recipe
+from conftest import RECIPES, cpu_plan, load_on_cpu, read_meta, tiny_recipe
 from lorakit.errors import LorakitError
 from lorakit.models.architecture import choose_targets, skeleton
-from lorakit.models.load import keep_4bit_trainable_on_cpu, load_model
+from lorakit.models.load import keep_4bit_trainable_on_cpu
 from lorakit.models.reference import resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
+from lorakit.plan import cpu_has_bf16
 from lorakit.recipe import validate_recipe
 from lorakit.store.loader import load
-from lorakit.training.plan import cpu_has_bf16, make_plan
 from lorakit.training.run import train
 from lorakit.training.trainer import build_lora_config, build_sft_config, sft_trainer_class
 
@@ -114,7 +114,9 @@ def test_gpt2_conv1d_adapter(tiny_gpt2, tmp_path):
 def test_auto_targets_equal_peft_all_linear(tiny_llama):
     r = validate_recipe(tiny_recipe(tiny_llama, TIDES), "test")
     targets, fan = choose_targets(skeleton(resolve(str(tiny_llama))), "auto")
-    ours = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), build_lora_config(r, targets, fan))
+    ours = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), build_lora_config(r, cpu_plan(r, targets, fan))
+    )
     ref = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_llama),
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
@@ -132,9 +134,9 @@ def _trainer(r, model_dir, tmp_path, cls):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
     targets, fan = choose_targets(model, "auto")
-    args = build_sft_config(r, tmp_path, make_plan(r), packing=True, has_eval=False)
+    args = build_sft_config(r, tmp_path, cpu_plan(r, targets, fan), has_eval=False)
     return cls(model=model, args=args, train_dataset=train_ds, processing_class=tok,
-               peft_config=build_lora_config(r, targets, fan))  # fmt: skip
+               peft_config=build_lora_config(r, cpu_plan(r, targets, fan)))  # fmt: skip
 
 
 def test_loss_equals_trl_sfttrainer_loss(tiny_llama, tmp_path):
@@ -185,7 +187,7 @@ def test_qlora_trains_on_cpu(tiny_llama, tmp_path):
 
 def _qlora_grads(tiny_llama, evaluate_first: bool, keep_trainable: bool) -> dict[str, torch.Tensor]:
     section = validate_recipe(tiny_recipe(tiny_llama, TIDES, base_model={"quantization": "4bit"}), "t").base_model
-    model = load_model(resolve(str(tiny_llama)), section, compute=torch.bfloat16)
+    model = load_on_cpu(tiny_llama, section, "bfloat16")
     if keep_trainable:
         assert keep_4bit_trainable_on_cpu(model) == 14
     torch.manual_seed(0)  # the same random LoRA weights in every call

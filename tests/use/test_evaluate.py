@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 from peft import PeftModel
-from test_merge import trained
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import RECIPES, run_cli
+from conftest import RECIPES, run_cli, trained
 from lorakit.data.tokens import IGNORE
 from lorakit.deploy.merge import merge_adapter
 from lorakit.errors import LorakitError

@@ -70,6 +70,9 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter of the same name.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in runs/<name>/.")] = False,
     force: Annotated[bool, typer.Option(help="Resume even though the recipe or its inputs changed.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved plan and exit (reads data and config, no weights).")
+    ] = False,
 ):
     """Train a LoRA/QLoRA adapter from a recipe."""
     from lorakit.recipe import load_recipe
@@ -77,6 +80,10 @@ def train(
     r = load_recipe(recipe, set_ or [])
     quiet_libraries()
     from lorakit.training import run as train_mod
+
+    if dry_run:
+        train_mod.dry_run(r, say=say)
+        return
     from lorakit.training.checkpoints import Interrupted
 
     display = TrainDisplay()

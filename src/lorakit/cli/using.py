@@ -128,7 +128,7 @@ def chat(
     from lorakit.store import loader
     from lorakit.use import generate as gen
 
-    loaded = loader.load(store, None if base_only else adapter, base)
+    loaded = loader.load(store, None if base_only else adapter, base, verb="chat")
     if not loaded.tokenizer.chat_template:
         raise LorakitError(f"{adapter or 'the base model'} has no chat template; use `lorakit generate` instead")
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)

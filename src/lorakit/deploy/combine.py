@@ -22,8 +22,6 @@ from typing import Any
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.models.load import load_model
-from lorakit.models.reference import resolve
 from lorakit.store import adapters, loader
 
 # The methods offered: peft's combination types (the `_svd` ones re-factorize Σ wᵢ·ΔWᵢ at a chosen rank).
@@ -126,23 +124,10 @@ def _check_sources(store: str | Path, names: list[str], metas: dict[str, dict[st
 
 def load_sources(store: str | Path, names: list[str], base: str | None = None):
     """One full-precision base holding every source adapter (named SOURCE.format(i)), and their metas."""
-    from peft import PeftModel
-
-    metas = {n: adapters.load_meta(store, n) for n in names}
-    section = loader.recorded_base(names, metas, base)
-    section = section.model_copy(update={"quantization": "none", "dtype": "float32"})
-    ref = resolve(section.name, section.revision)
-    if not base:
-        for n in names:
-            loader.check_base(metas[n], ref)
-    model = load_model(ref, section)
-    for i, n in enumerate(names):
-        path = str(adapters.adapter_dir(store, n))
-        if i == 0:
-            model = PeftModel.from_pretrained(model, path, adapter_name=SOURCE.format(i))
-        else:
-            model.load_adapter(path, adapter_name=SOURCE.format(i))
-    return model.eval(), metas, section
+    sources = [SOURCE.format(i) for i in range(len(names))]
+    loaded = loader.load(store, names, base, verb="combine", dtype="float32", full_precision=True, names_as=sources)
+    section = loader.recorded_base(names, loaded.metas, base)
+    return loaded.model, loaded.metas, section
 
 
 def combine_adapters(

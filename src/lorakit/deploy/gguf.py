@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.models.load import load_model
+from lorakit.models.reference import ModelRef, resolve
+from lorakit.plan import Plan
+from lorakit.recipe import BaseModelSection
 
 SUPPORTED = ("llama",)
 QTYPES = ("f32", "f16", "q8_0")
@@ -199,15 +203,16 @@ def write_gguf(path: Path, model, tokenizer, qtype: str, name: str) -> int:
     return len(tensors)
 
 
-def check_gguf(path: Path, model, tokenizer, report: ExportReport) -> None:
-    """Reload the file with transformers; record logit and tokenizer agreement with the source."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_gguf(path: Path, model, tokenizer, report: ExportReport, plan: Plan) -> None:
+    """Reload the file with transformers, where the Plan puts the source; record logit and tokenizer agreement."""
+    from transformers import AutoTokenizer
 
     ids = tokenizer(CHECK_TEXT)["input_ids"]
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    loaded = load_model(ModelRef("gguf", str(path.parent), gguf_file=path.name), plan)
+    x = torch.tensor([ids], device=plan.device)
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits[0]
-        got = loaded.eval()(input_ids=torch.tensor([ids])).logits[0]
+        ref = model(input_ids=x).logits[0].float()
+        got = loaded.eval()(input_ids=x).logits[0].float()
     report.max_abs_diff = float((got - ref).abs().max())
     report.relative_diff = report.max_abs_diff / max(float(ref.abs().max()), 1.0)
     try:
@@ -221,7 +226,9 @@ def export_gguf(
     model_dir: Path, out_file: Path, qtype: str = "f16", overwrite: bool = False, verify: bool = True, say=print
 ) -> ExportReport:
     """Write the model in `model_dir` (a plain transformers folder) as one GGUF file, checked before it is kept."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lorakit.store.loader import inference_plan
 
     if qtype not in QTYPES:
         raise LorakitError(f"--quant must be one of {', '.join(QTYPES)}, got {qtype!r}")
@@ -233,7 +240,9 @@ def export_gguf(
     if out_file.exists() and not overwrite:
         raise LorakitError(f"--out {out_file} exists; use --overwrite to replace it")
     check_supported(AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    ref = resolve(str(model_dir))
+    plan = inference_plan("export", BaseModelSection(name=str(model_dir), dtype="float32"), ref, "float32")
+    model = load_model(ref, plan).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.parent / f".{out_file.stem}.tmp-{uuid.uuid4().hex[:8]}.gguf"
@@ -241,7 +250,7 @@ def export_gguf(
         n = write_gguf(tmp, model, tokenizer, qtype, model_dir.resolve().name)
         report = ExportReport(out_file, qtype, n, tmp.stat().st_size)
         if verify:
-            check_gguf(tmp, model, tokenizer, report)
+            check_gguf(tmp, model, tokenizer, report, plan)
             say(
                 f"logits: GGUF ({qtype}) - source at most {report.max_abs_diff:.2e} "
                 f"(relative {report.relative_diff:.2e}, tolerance {TOLERANCE[qtype]:g})"

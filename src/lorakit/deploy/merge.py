@@ -22,6 +22,7 @@ from lorakit.errors import LorakitError
 from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, describe, local_files, resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
+from lorakit.plan import Plan
 from lorakit.recipe import BaseModelSection
 from lorakit.store import adapters, loader
 
@@ -87,7 +88,9 @@ def merge_adapter(
     samples, report.samples = verification_samples(meta, tokenizer)
     say(f"verifying on {report.samples}")
 
-    model = PeftModel.from_pretrained(load_model(ref, section), str(adapter_path)).eval()
+    plan = loader.inference_plan("merge", section, ref, dtype)
+    say(plan.summary()[0])
+    model = PeftModel.from_pretrained(load_model(ref, plan, section.trust_remote_code), str(adapter_path)).eval()
     reference = forward(model, samples)  # kept: the only logits held for more than one sample at a time
     with model.disable_adapter():
         report.adapter_effect = compare(model, samples, reference)[0]
@@ -99,7 +102,7 @@ def merge_adapter(
     try:
         save_merged(merged, tokenizer, tmp)
         del model, merged  # free the in-memory model before loading the written one
-        diff, report.perplexity_merged = compare(_load_plain(tmp), samples, reference)
+        diff, report.perplexity_merged = compare(_load_plain(tmp, plan), samples, reference)
         _verify(report, diff, "written model (reloaded with transformers)")
         report.perplexity_adapter = perplexity(reference, samples)
         report.seconds = round(time.perf_counter() - started, 2)
@@ -209,11 +212,9 @@ def save_merged(model, tokenizer, path: Path) -> None:
     adapters.fsync_tree(path)
 
 
-def _load_plain(path: Path):
-    """The written folder as a user loads it: plain transformers, no peft, the saved dtype."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
+def _load_plain(path: Path, plan: Plan):
+    """The written folder as a user loads it: plain transformers, no peft, the saved dtype, where the Plan says."""
+    return load_model(resolve(str(path)), plan).eval()
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

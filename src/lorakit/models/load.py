@@ -2,63 +2,63 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from lorakit.errors import LorakitError, short
 from lorakit.models.reference import ModelRef
-from lorakit.recipe import BaseModelSection
-
-
-def device() -> torch.device:
-    """The device this process trains on (the local rank's GPU under torchrun/accelerate)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+from lorakit.plan import Plan
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def resolve_dtype(section: BaseModelSection, dev: torch.device) -> torch.dtype:
-    if section.dtype != "auto":
-        return torch_dtype(section.dtype)
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def quantization_config(section: BaseModelSection, compute: torch.dtype):
+def quantization_config(plan: Plan):
     from transformers import BitsAndBytesConfig
 
-    if section.quantization == "4bit":
+    if plan.quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=section.quant_type,
-            bnb_4bit_use_double_quant=section.double_quant,
-            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_type=plan.quant_type,
+            bnb_4bit_use_double_quant=plan.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(plan.compute_dtype),
             bnb_4bit_quant_storage=torch.uint8,
         )
-    if section.quantization == "8bit":
+    if plan.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def load_model(ref: ModelRef, section: BaseModelSection, compute: torch.dtype | None = None, dev=None):
-    """Load the base model; quantized models go straight to their device (no full-precision copy)."""
+def placement(plan: Plan, sharded: bool = False) -> dict | str | None:
+    """transformers' `device_map` for the Plan: weights straight onto their GPU (no copy in CPU memory first),
+    "auto" across GPUs and the CPU, or None (the CPU; or FSDP/DeepSpeed, which place the shards themselves).
+    A quantized model always goes to its device at load: bitsandbytes quantizes there."""
+    if plan.device_map == "auto":
+        return "auto"
+    if plan.on_gpu and not sharded:
+        return {"": int(plan.device.split(":")[1])}
+    if plan.quantization != "none":
+        return {"": "cpu"}
+    return None
+
+
+def load_model(ref: ModelRef, plan: Plan, trust_remote_code: bool = False, sharded: bool = False):
+    """Load the base model as the Plan says: its dtype, quantization, attention and device.
+
+    Every verb loads its base through here (training through `training.run`, the others through the one loader
+    in `store.loader`); `sharded`: FSDP/DeepSpeed training, where accelerate places the weights."""
     from transformers import AutoModelForCausalLM
 
-    dev = dev or device()
-    dtype = resolve_dtype(section, dev)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": section.trust_remote_code, **ref.load_args}
-    if section.attn_implementation != "auto":
-        kwargs["attn_implementation"] = section.attn_implementation
-    if section.quantization != "none":
-        kwargs["quantization_config"] = quantization_config(section, compute or dtype)
-        kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
+    kwargs: dict = {"dtype": torch_dtype(plan.weights_dtype), "trust_remote_code": trust_remote_code, **ref.load_args}
+    if plan.attn_implementation is not None:
+        kwargs["attn_implementation"] = plan.attn_implementation
+    if plan.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(plan)
+    device_map = placement(plan, sharded)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     from safetensors import SafetensorError
 
     try:
@@ -73,7 +73,7 @@ def load_model(ref: ModelRef, section: BaseModelSection, compute: torch.dtype | 
         raise LorakitError(f"could not load model {ref.label}: {short(e)}") from None
     if getattr(model.config, "quantization_config", None) is not None and ref.gguf_file:
         del model.config.quantization_config
-    if section.quantization != "none":
+    if plan.quantization != "none":
         release_checkpoint_map(model)
     return model
 

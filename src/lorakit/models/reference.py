@@ -101,3 +101,27 @@ def weights_fingerprint(ref: ModelRef) -> str | None:
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(digest)
     return digest
+
+
+def parameter_count(ref: ModelRef) -> int:
+    """Parameters in the base's safetensors files, read from their headers (no weights read); 0 if unknown."""
+    import struct
+
+    root = local_files(ref)
+    if root is None or ref.gguf_file:
+        return 0
+    total = 0
+    for f in sorted(root.glob("*.safetensors")):
+        try:
+            with f.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError, struct.error):
+            return 0
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in info.get("shape", []):
+                    n *= d
+                total += n
+    return total

@@ -11,8 +11,9 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.models.load import load_model
-from lorakit.models.reference import ModelRef, resolve, weights_fingerprint
+from lorakit.models.reference import ModelRef, parameter_count, resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
+from lorakit.plan import Plan, plan_inference, probe
 from lorakit.recipe import BaseModelSection
 from lorakit.store import adapters
 
@@ -25,6 +26,12 @@ class Loaded:
     adapter: str | None  # the first adapter
     adapters: list[str] = field(default_factory=list)
     metas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plan: Plan | None = None  # where and in what dtype the model runs
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the Plan's device (with device_map auto, where the first layers are)."""
+        return torch.device(self.plan.device) if self.plan else next(self.model.parameters()).device
 
 
 def check_base(meta: dict[str, Any], ref: ModelRef) -> None:
@@ -56,11 +63,37 @@ def recorded_base(names: list[str], metas: dict[str, dict], base: str | None) ->
     return section
 
 
-def load(store: str | Path, adapter: str | list[str] | None, base: str | None = None) -> Loaded:
-    """Load the base model (the adapters', or `base`) once and attach each adapter by name."""
+def inference_plan(verb: str, section: BaseModelSection, ref: ModelRef, dtype: str | None = None) -> Plan:
+    """The Plan of an inference verb on this machine: the base's size decides one GPU or several."""
+    n_params = parameter_count(ref) if probe_gpus() else 0
+    return plan_inference(verb, section, probe(), n_params, dtype)
+
+
+def probe_gpus() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load(
+    store: str | Path,
+    adapter: str | list[str] | None,
+    base: str | None = None,
+    *,
+    verb: str = "generate",
+    dtype: str | None = None,
+    full_precision: bool = False,
+    names_as: list[str] | None = None,
+) -> Loaded:
+    """Load the base model (the adapters', or `base`) once, placed as the verb's Plan says, and attach each adapter.
+
+    `full_precision`: the base unquantized (merging and combining work on full-precision weights), in `dtype` if
+    given; `names_as`: the names the adapters get inside the model (default: their store names)."""
     names = [adapter] if isinstance(adapter, str) else list(adapter or [])
     metas = {n: adapters.load_meta(store, n) for n in names}
     section = recorded_base(names, metas, base)
+    if full_precision:
+        section = section.model_copy(update={"quantization": "none", "dtype": dtype or section.dtype})
     quantized = section.quantization != "none"
     ref = resolve(section.name, section.revision)
     if not base:
@@ -70,20 +103,20 @@ def load(store: str | Path, adapter: str | list[str] | None, base: str | None = 
     template = metas[names[0]].get("tokenizer", {}).get("chat_template") if names else None
     if template:
         tokenizer.chat_template = template
-    compute = torch.bfloat16 if quantized else None
+    plan = inference_plan(verb, section, ref, dtype)
     with without_bitsandbytes(quantized):
         from peft import PeftModel
 
-        model = load_model(ref, section, compute=compute)
-        for i, n in enumerate(names):
+        model = load_model(ref, plan, section.trust_remote_code)
+        for i, (n, as_name) in enumerate(zip(names, names_as or names, strict=True)):
             path = str(adapters.adapter_dir(store, n))
             if i == 0:
-                model = PeftModel.from_pretrained(model, path, adapter_name=n)
+                model = PeftModel.from_pretrained(model, path, adapter_name=as_name)
             else:
-                model.load_adapter(path, adapter_name=n)
+                model.load_adapter(path, adapter_name=as_name)
     model.eval()
     first = names[0] if names else None
-    return Loaded(model, tokenizer, metas.get(first, {}), first, names, metas)
+    return Loaded(model, tokenizer, metas.get(first, {}), first, names, metas, plan)
 
 
 @contextlib.contextmanager

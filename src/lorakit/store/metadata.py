@@ -33,7 +33,7 @@ def method_name(recipe: Recipe) -> str:
     return {"4bit": "QLoRA", "8bit": f"{kind} (8-bit base)"}.get(recipe.base_model.quantization, kind)
 
 
-def build_meta(recipe, ref, config, tokenizer, targets, trainable, data, plan, packing, metrics) -> dict[str, Any]:
+def build_meta(recipe, ref, config, tokenizer, trainable, data, plan, metrics) -> dict[str, Any]:
     """lorakit.json: everything needed to use, reproduce and check this adapter."""
     return {
         "name": recipe.adapter_name,
@@ -54,16 +54,11 @@ def build_meta(recipe, ref, config, tokenizer, targets, trainable, data, plan, p
             "chat_template": tokenizer.chat_template,
             "prompt_style": prompt_style(tokenizer, {s.format for s in recipe.data.sources}),
         },
-        "target_modules": targets if isinstance(targets, list) else [targets],
-        "lora_alpha": recipe.lora.alpha if recipe.lora.alpha is not None else 2 * recipe.lora.r,
+        "target_modules": list(plan.target_modules),
+        "lora_alpha": plan.lora_alpha,
         "trainable_params": trainable,
         "data": dict(data.report),
-        "plan": {
-            "device": str(plan.device),
-            "precision": plan.precision,
-            "packing": packing,
-            "gradient_checkpointing": plan.gradient_checkpointing,
-        },
+        "plan": plan.model_dump(mode="json"),
         "metrics": metrics,
         "seed": recipe.train.seed,
         "recipe_hash": "sha256:"

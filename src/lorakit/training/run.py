@@ -10,21 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lorakit.data.cache import content_hash
 from lorakit.data.prepare import Prepared, prepare
 from lorakit.errors import LorakitError
 from lorakit.models.architecture import check_quantizable, choose_targets, skeleton
-from lorakit.models.load import keep_4bit_trainable_on_cpu, load_model, torch_dtype
+from lorakit.models.load import keep_4bit_trainable_on_cpu, load_model
 from lorakit.models.reference import ModelRef, describe, resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
+from lorakit.plan import Machine, Plan, plan_training, probe
 from lorakit.recipe import Recipe
 from lorakit.store import adapters
 from lorakit.store.metadata import build_meta
 from lorakit.training import attention, checkpoints, runtime
 from lorakit.training.callbacks import Checkpoints, EvalBefore, GracefulStop, NullDisplay, RunLog
-from lorakit.training.plan import Plan, make_plan
 from lorakit.training.trainer import build_lora_config, build_sft_config, packing_is_isolated, sft_trainer_class
 
 
@@ -53,37 +51,52 @@ def preflight(recipe: Recipe, overwrite: bool):
     return ref, meta_model.config, targets, fan_in_fan_out, tokenizer, data
 
 
-def load_base(recipe: Recipe, ref: ModelRef, plan: Plan):
-    """Load the base model for training and settle packing (kept only if documents stay apart)."""
-    precision_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.precision]
-    compute_name = precision_dtype if recipe.base_model.compute_dtype == "auto" else recipe.base_model.compute_dtype
-    section = recipe.base_model
-    if section.dtype == "auto" and plan.precision == "bf16" and section.quantization in ("none", "4bit"):
-        # Autocast would round every frozen weight to bf16 at every use anyway (frozen weights are not in
-        # its cache): hold them in bf16 once, as on a GPU. The adapter itself stays fp32 (peft upcasts it).
-        # A 4-bit base keeps what it does not quantize (embeddings, norms) in bf16 too, as on a GPU: in float32
-        # the residual stream stayed float32 and every 4-bit layer answered in float32 (QLoRA on SmolLM2-135M,
-        # CPU: 2.64 vs 3.95 s a step, peak RSS 1396 vs 1561 MB, eval loss 3.270 vs 3.251 after 40 steps).
-        section = section.model_copy(update={"dtype": "bfloat16"})
-        if plan.device.type == "cpu":
-            plan.notes.append("frozen base weights held in bf16")
-    model = load_model(ref, section, compute=torch_dtype(compute_name), dev=plan.device)
+def load_base(recipe: Recipe, ref: ModelRef, plan: Plan) -> tuple[Any, Plan]:
+    """Load the base model as the Plan says, and check its packing: kept only if documents stay apart.
+
+    Returns the model and the Plan as the checks left it (packing off, or attention per document, with why)."""
+    model = load_model(ref, plan, recipe.base_model.trust_remote_code, sharded=sharded_launch() is not None)
     model.config.use_cache = False
-    if plan.device.type == "cpu":
+    if not plan.on_gpu:
         keep_4bit_trainable_on_cpu(model)
-    packing = recipe.data.packing
-    if packing and not packing_is_isolated(model):
-        packing = False
-        plan.notes.append("this model's attention mixes packed documents: packing turned off (one document per row)")
-    elif packing:
-        plan.notes.append("packing: documents packed padding-free, attention kept within each document")
-        on_cpu_auto = plan.device.type == "cpu" and recipe.base_model.attn_implementation == "auto"
-        if on_cpu_auto and attention.use_packed_attention(model):
-            if packing_is_isolated(model):
-                plan.notes.append("attention computed per document")
-            else:
-                model.set_attn_implementation("sdpa")
-    return model, packing
+    if plan.packing != "padding-free":
+        return model, plan
+    if not packing_is_isolated(model):
+        note = "this model's attention mixes packed documents: packing turned off (one document per row)"
+        return model, plan.revised(note, packing="one per row")
+    if plan.on_gpu or plan.attn_implementation is not None or not attention.use_packed_attention(model):
+        return model, plan.revised("documents packed padding-free, attention kept within each document")
+    if packing_is_isolated(model):
+        return model, plan.revised(
+            "documents packed padding-free, attention computed per document", attn_implementation="per-document sdpa"
+        )
+    model.set_attn_implementation("sdpa")
+    return model, plan.revised("documents packed padding-free, attention kept within each document")
+
+
+def packed_rows(data: Prepared, recipe: Recipe) -> int:
+    """Training rows once packed, as the trainer will pack them (TRL's own best-fit-decreasing packing)."""
+    train_ds, _ = data.datasets()
+    if not recipe.data.packing:
+        return len(train_ds)
+    from trl.data_utils import pack_dataset
+
+    return len(pack_dataset(train_ds.select_columns(["input_ids"]), recipe.data.block_size, "bfd"))
+
+
+def eval_description(recipe: Recipe, data: Prepared) -> str:
+    split = recipe.data.eval_split
+    if not len(data.eval_set):
+        return "none"
+    where = f"the file {Path(split).name}" if isinstance(split, str) else f"{split:.0%} of the documents held out"
+    return f"{len(data.eval_set)} examples, {data.eval_set.n_tokens():,} tokens ({where})"
+
+
+def resolve_plan(recipe: Recipe, targets, fan_in_fan_out: bool, data: Prepared, machine: Machine | None = None) -> Plan:
+    """The run's Plan, from the recipe, this machine and the prepared data (for the step count)."""
+    machine = machine or probe()
+    rows = packed_rows(data, recipe)
+    return plan_training(recipe, machine, targets, fan_in_fan_out, rows, eval_description(recipe, data))
 
 
 def prepare_run_dir(recipe: Recipe, key: dict, overwrite: bool, resume: bool, force: bool):
@@ -108,13 +121,19 @@ def _quiet(message: str) -> None:
     """What the other processes of a distributed run say: nothing (the main process speaks for all)."""
 
 
+def sharded_launch() -> str | None:
+    """ "FSDP" or "DeepSpeed ZeRO-3" when `accelerate launch` shards the weights over processes, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # set by `accelerate launch`
+        return "FSDP"
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 def check_launch(recipe: Recipe) -> None:
     """Refuse, before anything loads, a launch that shards weights lorakit keeps quantized."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # set by `accelerate launch`
-        sharding = "FSDP"
-    elif os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        sharding = "DeepSpeed ZeRO-3"
-    else:
+    sharding = sharded_launch()
+    if sharding is None:
         return
     if recipe.base_model.quantization != "none":
         raise LorakitError(
@@ -124,26 +143,35 @@ def check_launch(recipe: Recipe) -> None:
         )
 
 
+def dry_run(recipe: Recipe, say=print) -> Plan:
+    """`lorakit train --dry-run`: the resolved Plan, printed; reads the data and the model's config, no weights."""
+    ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite=True)
+    plan = resolve_plan(recipe, targets, fan_in_fan_out, data)
+    say(f"base model: {recipe.base_model.name} ({describe(ref)}, {config.model_type})")
+    say(_data_summary(data))
+    for line in plan.summary():
+        say(line)
+    return plan
+
+
 def train(
     recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False, show=None, say=print
 ) -> TrainResult:
     """Run one recipe end to end and write its adapter to the store."""
     say = say if is_main_process() else _quiet
     check_launch(recipe)
-    if not torch.cuda.is_available():
+    machine = probe()
+    if not machine.gpus:
         runtime.bound_cpu_kernel_cache()
     ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite or resume)
     key = checkpoints.resume_key(recipe, weights_fingerprint(ref), content_hash(recipe.data))
     run_dir, resume_from, run_info = prepare_run_dir(recipe, key, overwrite, resume, force)
-    plan = make_plan(recipe)
+    plan = resolve_plan(recipe, targets, fan_in_fan_out, data, machine)
     say(f"base model: {recipe.base_model.name} ({describe(ref)}, {config.model_type})")
-    say(f"target modules: {', '.join(targets) if isinstance(targets, list) else targets}")
     say(_data_summary(data))
-    model, packing = load_base(recipe, ref, plan)
-    say(
-        f"device {plan.device}, precision {plan.precision}, gradient checkpointing "
-        f"{'on' if plan.gradient_checkpointing else 'off'}; " + "; ".join(plan.notes)
-    )
+    model, plan = load_base(recipe, ref, plan)
+    for line in plan.summary():
+        say(line)
     train_ds, eval_ds = data.datasets()
     stop = GracefulStop(say)
     info = (
@@ -154,11 +182,11 @@ def train(
     before = EvalBefore(run_dir, info)
     trainer = sft_trainer_class()(
         model=model,
-        args=build_sft_config(recipe, run_dir, plan, packing, eval_ds is not None, eval_first=not resume_from),
+        args=build_sft_config(recipe, run_dir, plan, eval_ds is not None, eval_first=not resume_from),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=build_lora_config(recipe, targets, fan_in_fan_out),
+        peft_config=build_lora_config(recipe, plan),
         callbacks=[RunLog(run_dir / "metrics.jsonl", show or NullDisplay()),
                    Checkpoints(run_dir, recipe.train.keep_checkpoints), stop, before],
     )  # fmt: skip
@@ -188,7 +216,7 @@ def train(
         "train_runtime_s": round(elapsed, 2),
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(elapsed, 1e-9), 1),
     }
-    meta = build_meta(recipe, ref, config, tokenizer, targets, trainable, data, plan, packing, metrics)
+    meta = build_meta(recipe, ref, config, tokenizer, trainable, data, plan, metrics)
     meta["base_model"]["fingerprint"] = key["base_fingerprint"]
     meta["data"]["content_hash"] = key["data_content"]
     path = plan_save(trainer, recipe, meta, overwrite)

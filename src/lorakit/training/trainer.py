@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from lorakit.plan import Plan
 from lorakit.recipe import Recipe
 from lorakit.training import attention, checkpoints, runtime
 from lorakit.training.loss import LastHidden, chunked_lm_loss, chunked_loss_parts
-from lorakit.training.plan import Plan
 
 
 def sft_trainer_class():
@@ -87,25 +87,27 @@ def sft_trainer_class():
     return LorakitSFTTrainer
 
 
-def build_lora_config(recipe: Recipe, targets: list[str] | str, fan_in_fan_out: bool):
+def build_lora_config(recipe: Recipe, plan: Plan):
     from peft import LoraConfig
 
     lora = recipe.lora
+    targets = plan.target_modules
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.r,
+        lora_alpha=plan.lora_alpha,
         lora_dropout=lora.dropout,
-        target_modules=targets,
+        target_modules=targets[0] if targets == ("all-linear",) else list(targets),
         bias=lora.bias,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
         modules_to_save=lora.modules_to_save or None,
-        fan_in_fan_out=fan_in_fan_out,
+        fan_in_fan_out=plan.fan_in_fan_out,
         task_type="CAUSAL_LM",
     )
 
 
-def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, packing: bool, has_eval: bool, eval_first=False):
+def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, has_eval: bool, eval_first: bool = False):
+    """The recipe and its Plan as TRL's `SFTConfig` (the step count is the trainer's own: the Plan predicts it)."""
     from trl import SFTConfig
 
     t = recipe.train
@@ -113,7 +115,7 @@ def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, packing: bool, h
         output_dir=str(out_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        learning_rate=t.learning_rate,
+        learning_rate=plan.learning_rate,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio,
         per_device_train_batch_size=t.batch_size,
@@ -139,12 +141,12 @@ def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, packing: bool, h
         report_to="none",
         disable_tqdm=True,
         max_length=recipe.data.block_size,
-        packing=packing,
+        packing=plan.packing == "padding-free",
         packing_strategy="bfd",
         shuffle_dataset=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
-        use_cpu=plan.device.type == "cpu",
+        use_cpu=not plan.on_gpu,
     )
 
 

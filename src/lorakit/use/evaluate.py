@@ -12,10 +12,7 @@ from lorakit.data.formats import chunk, format_records
 from lorakit.data.sources import read_records
 from lorakit.data.tokens import IGNORE, Example
 from lorakit.errors import LorakitError
-from lorakit.models.load import load_model
-from lorakit.models.reference import resolve
-from lorakit.models.tokenizer import load_tokenizer
-from lorakit.recipe import BaseModelSection, DataSource
+from lorakit.recipe import DataSource
 from lorakit.store import loader
 
 BLOCK_SIZE = 256
@@ -69,7 +66,7 @@ def evaluate(
         raise LorakitError("name what to evaluate: --base-only, --adapter NAME or --model DIR")
     rows = []
     if adapters or base_only:
-        loaded = loader.load(store, adapters or None, base)
+        loaded = loader.load(store, adapters or None, base, verb="eval")
         blocks = examples(data, fmt, loaded.tokenizer, block_size)
         if base_only and loaded.adapters:
             with loaded.model.disable_adapter():
@@ -81,8 +78,7 @@ def evaluate(
             rows.append(row(f"adapter {n}", loss(loaded.model, blocks)))
         del loaded
     for d in model_dirs:
-        ref = resolve(d)
-        tok = load_tokenizer(ref)
-        model = load_model(ref, BaseModelSection(name=d, dtype="float32")).eval()
-        rows.append(row(f"model {d}", loss(model, examples(data, fmt, tok, block_size))))
+        plain = loader.load(store, None, base=d, verb="eval", dtype="float32")
+        rows.append(row(f"model {d}", loss(plain.model, examples(data, fmt, plain.tokenizer, block_size))))
+        del plain
     return rows

@@ -45,10 +45,6 @@ def _style(loaded: Loaded, adapter: str | None, style: str | None) -> str:
     return style or meta.get("tokenizer", {}).get("prompt_style", "raw")
 
 
-def _device(loaded: Loaded) -> torch.device:
-    return next(loaded.model.parameters()).device
-
-
 def generate(
     loaded: Loaded,
     prompt: str,
@@ -71,7 +67,7 @@ def generate(
     style = _style(loaded, adapter, style)
     text = format_prompt(tok, prompt, style)
     inputs = tok(text, return_tensors="pt", add_special_tokens=style != "chat")
-    inputs = {k: v.to(_device(loaded)) for k, v in inputs.items()}
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     kwargs = {**_gen_kwargs(loaded, max_new_tokens, temperature, top_p), "streamer": streamer}
     torch.manual_seed(seed)
     if adapter and use_adapter:
@@ -141,8 +137,8 @@ def encode_batch(loaded: Loaded, items: list[BatchItem], style: str | None, pad:
         st = _style(loaded, it.adapter, style)
         rows.append(tok(format_prompt(tok, it.prompt, st), add_special_tokens=st != "chat")["input_ids"])
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=_device(loaded))
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=_device(loaded))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=loaded.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=loaded.device)
     return ids, mask
 
 
@@ -184,7 +180,7 @@ def chat_reply(
         raise LorakitError("this model's tokenizer has no chat template; use `lorakit generate` instead")
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
-    ids = {k: v.to(_device(loaded)) for k, v in ids.items()}
+    ids = {k: v.to(loaded.device) for k, v in ids.items()}
     kwargs = {**_gen_kwargs(loaded, max_new_tokens, temperature, top_p), "streamer": streamer}
     torch.manual_seed(seed)
     with torch.no_grad():

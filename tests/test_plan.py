@@ -1,0 +1,156 @@
+"""The Plan: every automatic choice resolved once, on this CPU and on a simulated CUDA machine, and every verb's
+load path placing the model where its Plan says."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import TIDES, quiet, run_cli, tiny_recipe, trained, write_recipe
+from lorakit.plan import Machine, plan_inference, plan_training, probe
+from lorakit.recipe import BaseModelSection, validate_recipe
+
+GB = 2**30
+
+
+def simulate_cuda(monkeypatch, gpus: int = 1, memory: int = 24 * GB, bf16: bool = True) -> None:
+    """torch reports `gpus` CUDA devices of `memory` bytes: what `lorakit.plan.probe` reads."""
+    props = SimpleNamespace(name="Simulated GPU", total_memory=memory)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+class Loaded(Exception):
+    """Raised by the patched from_pretrained: the load request is all a test needs."""
+
+
+@pytest.fixture
+def load_requests(monkeypatch):
+    """Every AutoModelForCausalLM.from_pretrained call's keyword arguments; the call itself stops there."""
+    from transformers import AutoModelForCausalLM
+
+    seen: list[dict] = []
+
+    def capture(path, **kwargs):
+        seen.append(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", capture)
+    return seen
+
+
+def test_probe_reads_the_simulated_machine(monkeypatch):
+    simulate_cuda(monkeypatch, gpus=2, memory=80 * GB, bf16=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    m = probe()
+    assert [g.memory for g in m.gpus] == [80 * GB, 80 * GB] and not m.gpus[0].bf16
+    assert (m.local_rank, m.world_size) == (1, 2)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_training_plan_on_cuda(monkeypatch, tiny_llama, bf16):
+    simulate_cuda(monkeypatch, gpus=2, bf16=bf16)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    r = validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"precision": "auto"}), "t")
+    plan = plan_training(r, probe(), ["q_proj"])
+    assert plan.device == "cuda:1"
+    assert (plan.precision, plan.weights_dtype) == (("bf16", "bfloat16") if bf16 else ("fp16", "float16"))
+    assert plan.gradient_checkpointing  # auto: on for GPUs
+    assert plan.lora_alpha == 2 * r.lora.r and plan.target_modules == ("q_proj",)
+
+
+def test_training_plan_on_this_cpu(tiny_llama):
+    r = validate_recipe(tiny_recipe(tiny_llama, TIDES), "t")
+    plan = plan_training(r, Machine(), "all-linear")
+    assert (plan.device, plan.precision, plan.weights_dtype) == ("cpu", "fp32", "float32")
+    assert not plan.gradient_checkpointing and plan.packing == "padding-free"
+    with pytest.raises(Exception, match="fp16 needs a GPU"):
+        plan_training(validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"precision": "fp16"}), "t"), Machine(), "a")
+
+
+def test_inference_plan_one_gpu_or_spread(monkeypatch):
+    simulate_cuda(monkeypatch, memory=24 * GB)
+    section = BaseModelSection()
+    fits = plan_inference("generate", section, probe(), n_params=7 * 10**9)  # 14 GB in bf16
+    assert (fits.device, fits.device_map, fits.weights_dtype) == ("cuda:0", None, "bfloat16")
+    big = plan_inference("generate", section, probe(), n_params=70 * 10**9)
+    assert big.device_map == "auto" and "do not fit one GPU" in big.notes[0]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plan-store")
+    trained(tiny_llama, tmp, "a")
+    return trained(tiny_llama, tmp, "b")
+
+
+def _on_gpu(request: dict) -> None:
+    assert request["device_map"] == {"": 0}, request
+    assert request["dtype"] == torch.bfloat16, request
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat", "eval"])
+def test_inference_verbs_load_on_the_gpu(monkeypatch, load_requests, two_adapters, verb):
+    from lorakit.store import loader
+
+    simulate_cuda(monkeypatch)
+    with pytest.raises(Loaded):
+        loader.load(two_adapters, ["a", "b"], verb=verb)
+    _on_gpu(load_requests[-1])
+
+
+def test_merge_combine_and_export_load_on_the_gpu(monkeypatch, load_requests, two_adapters, tiny_llama, tmp_path):
+    from lorakit.deploy.combine import combine_adapters
+    from lorakit.deploy.gguf import export_gguf
+    from lorakit.deploy.merge import merge_adapter
+
+    simulate_cuda(monkeypatch)
+    with pytest.raises(Loaded):
+        merge_adapter(two_adapters, "a", tmp_path / "merged", say=quiet)
+    with pytest.raises(Loaded):
+        combine_adapters(two_adapters, ["a", "b"], "ab", say=quiet)
+    with pytest.raises(Loaded):
+        export_gguf(tiny_llama, tmp_path / "m.gguf", say=quiet)
+    # merge, combine and export keep the dtype they verify in (float32 by default), on the GPU
+    assert [r["device_map"] for r in load_requests] == [{"": 0}] * 3
+    assert [r["dtype"] for r in load_requests] == [torch.float32] * 3
+
+
+def test_training_loads_on_the_gpu(monkeypatch, load_requests, tiny_llama, tmp_path):
+    from lorakit.training.run import train
+
+    simulate_cuda(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    body = tiny_recipe(tiny_llama, TIDES, train={"precision": "auto"})
+    with pytest.raises(Loaded):
+        train(validate_recipe(body, "t"), say=quiet)
+    _on_gpu(load_requests[-1])
+
+
+def test_plan_predicts_the_trainers_steps_and_is_saved(tiny_llama, tmp_path):
+    from lorakit.training.run import train
+
+    body = tiny_recipe(tiny_llama, TIDES, train={"max_steps": None, "epochs": 2, "gradient_accumulation": 2})
+    body["output"] = {"name": "steps", "store": str(tmp_path / "a"), "runs_dir": str(tmp_path / "r")}
+    result = train(validate_recipe(body, "t"), say=quiet)
+    plan = result.meta["plan"]
+    assert plan["steps"] == result.metrics["steps"] == 2 * plan["steps_per_epoch"]
+    assert plan["device"] == "cpu" and plan["verb"] == "train"
+
+
+def test_dry_run_prints_the_plan_without_reading_weights(tiny_llama, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "model.safetensors").write_bytes(b"not weights")  # a run that read them would fail
+    recipe = write_recipe(tmp_path, tiny_recipe(model, TIDES, train={"max_steps": None, "epochs": 1}))
+    res = run_cli("train", str(recipe), "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "plan: device cpu" in res.stdout and "per epoch" in res.stdout and "target modules:" in res.stdout
+    assert not (tmp_path / "adapters").exists() and not (tmp_path / "runs").exists()
