@@ -124,6 +124,8 @@ def save_cached(prepared: Prepared, entry: Path, key: str) -> None:
 
 def load_cached(entry: Path, key: str) -> Prepared | None:
     """The prepared data stored under `entry`, or None if it is missing, stale or damaged."""
+    from lorakit.data.prepare import Prepared  # here, not at the top: data.prepare imports this module
+
     if not (entry / "meta.json").exists():
         return None
     try:
