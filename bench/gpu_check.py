@@ -55,10 +55,10 @@ def main() -> None:
             overrides=["train.max_steps=3", f"output.store={store}", f"output.runs_dir={work / 'runs'}"],
             overwrite=True,
         )
-        plan = result.meta["plan"]
-        if not plan["device"].startswith("cuda"):
-            sys.exit(f"train: the Plan chose {plan['device']}")
-        print(f"ok  train {name}: plan device {plan['device']}, precision {plan['precision']}")
+        plan = result.meta.plan
+        if not plan.device.startswith("cuda"):
+            sys.exit(f"train: the Plan chose {plan.device}")
+        print(f"ok  train {name}: plan device {plan.device}, precision {plan.precision}")
     for verb in ("generate", "chat", "eval"):
         check(verb, loader.load(store, ["quickstart", "tides"], verb=verb).model, half)
     check("combine", load_sources(store, ["quickstart", "tides"])[0], torch.float32)

@@ -160,8 +160,8 @@ def run_lorakit(spec: dict, timer) -> dict:
     lk_train.sft_trainer_class = lambda: Instrumented
     recipe = validate_recipe(lorakit_recipe(spec), "bench", default_name=spec["name"])
     result = lk_train.train(recipe, overwrite=True)
-    setup["plan"] = result.meta["plan"]
-    setup["target_modules"] = result.meta["target_modules"]
+    setup["plan"] = result.meta.plan.model_dump(mode="json")
+    setup["target_modules"] = result.meta.target_modules
     setup["lora_dropout"] = recipe.lora.dropout
     train_loss = result.metrics["train_loss"]
     return {

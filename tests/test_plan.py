@@ -138,9 +138,9 @@ def test_plan_predicts_the_trainers_steps_and_is_saved(tiny_llama, tmp_path):
     body = tiny_recipe(tiny_llama, TIDES, train={"max_steps": None, "epochs": 2, "gradient_accumulation": 2})
     body["output"] = {"name": "steps", "store": str(tmp_path / "a"), "runs_dir": str(tmp_path / "r")}
     result = train(validate_recipe(body, "t"), say=quiet)
-    plan = result.meta["plan"]
-    assert plan["steps"] == result.metrics["steps"] == 2 * plan["steps_per_epoch"]
-    assert plan["device"] == "cpu" and plan["verb"] == "train"
+    plan = result.meta.plan
+    assert plan.steps == result.metrics["steps"] == 2 * plan.steps_per_epoch
+    assert plan.device == "cpu" and plan.verb == "train"
 
 
 def test_dry_run_prints_the_plan_without_reading_weights(tiny_llama, tmp_path):

@@ -29,7 +29,7 @@ from lorakit.errors import LorakitError
 from lorakit.models.reference import resolve
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.recipe import DataSection
-from lorakit.store.adapters import list_adapters, remove_adapter
+from lorakit.store.adapters import list_adapters, load_meta, remove_adapter
 
 TIDES = RECIPES / "data" / "tides.txt"
 
@@ -251,12 +251,12 @@ def test_imported_adapter_needs_base_and_uses_the_built_in_text(llama_store, tin
 
 
 def test_samples_are_the_documents_training_held_out(llama_store, tiny_llama):
-    meta = read_meta(llama_store, "tiny")
+    meta = load_meta(llama_store, "tiny")
     tok = load_tokenizer(resolve(str(tiny_llama)))
     samples, where = verification_samples(meta, tok)
     assert where.startswith("4 held-out documents of tides.txt") and len(samples) == 4
-    data = prepare(DataSection.model_validate(meta["recipe"]["data"]), tok, meta["seed"])
-    block = meta["recipe"]["data"]["block_size"]
+    data = prepare(DataSection.model_validate(meta.recipe.data), tok, meta.seed)
+    block = meta.recipe.data["block_size"]
     held = {tuple(e.input_ids) for e in data.eval}
     seen = {tuple(e.input_ids) for e in data.train}
     for s in samples:
@@ -264,8 +264,8 @@ def test_samples_are_the_documents_training_held_out(llama_store, tiny_llama):
 
 
 def test_samples_fall_back_to_a_built_in_text(llama_store, tiny_llama):
-    meta = read_meta(llama_store, "tiny")
-    meta["recipe"]["data"]["sources"][0]["path"] = "/nonexistent/tides.txt"
+    meta = load_meta(llama_store, "tiny")
+    meta.recipe.data["sources"][0]["path"] = "/nonexistent/tides.txt"
     tok = load_tokenizer(resolve(str(tiny_llama)))
     samples, where = verification_samples(meta, tok)
     assert "built-in text" in where and len(samples) == 1 and len(samples[0].input_ids) > 20

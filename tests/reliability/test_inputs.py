@@ -262,7 +262,7 @@ def tampered(store: Path, result, name: str, **config) -> str:
 def test_good_adapter_loads(adapter_store):
     store, result = adapter_store
     loaded = load(store, "good")
-    assert loaded.adapter == "good" and loaded.meta["recipe"]["lora"]["r"] == 4
+    assert loaded.adapter == "good" and loaded.meta.recipe.lora.r == 4
 
 
 def test_adapter_rank_differing_from_its_recipe_is_named(adapter_store):

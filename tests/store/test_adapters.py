@@ -15,6 +15,7 @@ from lorakit.errors import LorakitError
 from lorakit.models.reference import resolve, weights_fingerprint
 from lorakit.store.adapters import adapter_dir, exists, list_adapters, load_meta, save_adapter
 from lorakit.store.loader import check_base
+from lorakit.store.metadata import AdapterMeta
 
 IDS = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
 
@@ -43,16 +44,18 @@ def snapshot(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def meta_for(base_dir: Path, name: str, **extra) -> dict:
-    return {
-        "name": name,
-        "method": "LoRA",
-        "base_model": {"reference": str(base_dir), "fingerprint": "sha256:" + "ab" * 32},
-        "recipe": {"lora": {"r": 2}},
-        "metrics": {"eval_loss_after": 1.25, "steps": 3},
-        "target_modules": ["q_proj"],
-        **extra,
-    }
+def meta_for(base_dir: Path, name: str, **extra) -> AdapterMeta:
+    return AdapterMeta.model_validate(
+        {
+            "name": name,
+            "method": "LoRA",
+            "base_model": {"reference": str(base_dir), "fingerprint": "sha256:" + "ab" * 32},
+            "recipe": {"lora": {"r": 2}},
+            "metrics": {"eval_loss_after": 1.25, "steps": 3},
+            "target_modules": ["q_proj"],
+            **extra,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,8 @@ def test_save_writes_peft_files_meta_and_card(saved, store, tiny_llama, model_a)
         "lorakit.json",
         "README.md",
     }
-    assert json.loads((saved / "lorakit.json").read_text()) == meta_for(tiny_llama, "a")
+    written = json.loads((saved / "lorakit.json").read_text())
+    assert written == json.loads(meta_for(tiny_llama, "a").to_json()) and written["format_version"] == 1
     card = (saved / "README.md").read_text()
     assert card.startswith("# a\n") and f"`{tiny_llama}`" in card
     assert json.loads((saved / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
@@ -266,7 +270,8 @@ def test_list_survives_a_corrupt_meta_file(saved, store, content):
 
 def test_adapter_without_meta_counts_as_imported(saved, store):
     (saved / "lorakit.json").unlink()
-    assert load_meta(store, "a") == {"name": "a", "imported": True}
+    meta = load_meta(store, "a")
+    assert meta.name == "a" and meta.imported and meta.recipe.base_model is None
     assert exists(store, "a")
 
 
@@ -280,7 +285,7 @@ def test_check_base_refuses_other_weights(tiny_llama, tmp_path, monkeypatch):
     assert have and have.startswith("sha256:")
     check_base(meta_for(tiny_llama, "mine", base_model={"reference": "x", "fingerprint": have}), ref)
     other = meta_for(tiny_llama, "mine")
-    assert other["base_model"]["fingerprint"] != have
+    assert other.base_model.fingerprint != have
     with pytest.raises(LorakitError, match="adapter 'mine' was trained on base weights sha256:abab"):
         check_base(other, ref)
 
@@ -293,7 +298,7 @@ def test_check_base_after_the_base_changed(tiny_llama, tmp_path, monkeypatch):
     for f in tiny_llama.iterdir():
         (base / f.name).write_bytes(f.read_bytes())
     ref = resolve(str(base))
-    meta = {"name": "mine", "base_model": {"reference": str(base), "fingerprint": weights_fingerprint(ref)}}
+    meta = AdapterMeta(name="mine", base_model={"reference": str(base), "fingerprint": weights_fingerprint(ref)})
     check_base(meta, ref)
     weights = base / "model.safetensors"
     data = bytearray(weights.read_bytes())

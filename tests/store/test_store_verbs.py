@@ -52,12 +52,14 @@ def test_copy_and_rename_keep_weights_and_update_the_name(store):
     weights = (store / "tides" / "adapter_model.safetensors").read_bytes()
     copy_adapter(store, "tides", "tides-copy")
     assert (store / "tides-copy" / "adapter_model.safetensors").read_bytes() == weights
-    assert load_meta(store, "tides-copy")["name"] == "tides-copy"
+    copied = load_meta(store, "tides-copy")
+    assert copied.name == "tides-copy" and copied.copied_from == "tides"
+    assert copied.metrics == load_meta(store, "tides").metrics
     with pytest.raises(LorakitError, match="already exists"):
         copy_adapter(store, "tides", "tides-copy")
     rename_adapter(store, "tides-copy", "tides-renamed")
     assert not (store / "tides-copy").exists()
-    assert load_meta(store, "tides-renamed")["name"] == "tides-renamed"
+    assert load_meta(store, "tides-renamed").name == "tides-renamed"
     with pytest.raises(LorakitError, match="already exists"):
         rename_adapter(store, "tides-renamed", "tides")
     with pytest.raises(LorakitError, match="invalid adapter name"):
@@ -67,7 +69,8 @@ def test_copy_and_rename_keep_weights_and_update_the_name(store):
 def test_import_registers_a_peft_adapter_that_then_loads(store, foreign, tiny_llama):
     import_adapter(store, foreign, name="foreign")
     meta = load_meta(store, "foreign")
-    assert meta["imported"] is True and meta["target_modules"] == ["q_proj", "v_proj"]
+    assert meta.imported is True and meta.target_modules == ["q_proj", "v_proj"]
+    assert meta.imported_from == str(foreign.resolve()) and meta.recipe.base_model.name == str(tiny_llama)
     (row,) = [r for r in list_adapters(store) if r["name"] == "foreign"]
     assert row["imported"] and row["r"] == 2
     loaded = load(store, "foreign", base=str(tiny_llama))

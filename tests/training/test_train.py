@@ -179,7 +179,7 @@ def test_qlora_trains_on_cpu(tiny_llama, tmp_path):
         train={"max_steps": 10, "learning_rate": 2e-2},
     )
     result = train(r)
-    assert result.meta["method"] == "QLoRA"
+    assert result.meta.method == "QLoRA"
     assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"]
     loaded = load(tmp_path / "adapters", "tiny")
     assert any("Linear4bit" in type(m).__name__ for m in loaded.model.modules())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -23,6 +23,9 @@ from lorakit.cli import (
     user_errors,
 )
 from lorakit.errors import LorakitError
+
+if TYPE_CHECKING:
+    from lorakit.store.metadata import AdapterMeta
 
 # --- adapters ---------------------------------------------------------------------------------
 
@@ -106,44 +109,44 @@ def adapters_show(
 
     meta = load_meta(store, name)
     if as_json:
-        print(json.dumps(meta, indent=2))
+        print(meta.model_dump_json(indent=2))
         return
     path = adapter_dir(store, name)
     console.rule(f"[bold]{escape(name)}")
     say(str(path))
-    if meta.get("imported"):
+    if meta.imported:
         say("imported adapter: no lorakit.json, so no recipe, data or metrics are recorded; " + _peft_summary(path))
         return
     console.print(_adapter_facts(meta))
     console.print(_adapter_mix(meta))
     console.rule("recipe (resolved)")
-    say(yaml.safe_dump(meta.get("recipe", {}), sort_keys=False).rstrip())
+    # exclude_unset: the recipe as recorded (a combined adapter records only its base and rank)
+    say(yaml.safe_dump(meta.recipe.model_dump(mode="json", exclude_unset=True), sort_keys=False).rstrip())
 
 
-def _adapter_facts(meta: dict) -> Table:
-    base, metrics, plan = meta.get("base_model", {}), meta.get("metrics", {}), meta.get("plan", {})
-    lora = meta.get("recipe", {}).get("lora", {})
-    flags = [flag for flag, on in (("DoRA", lora.get("use_dora")), ("rsLoRA", lora.get("use_rslora"))) if on]
-    ppl = metrics.get("eval_perplexity_after")
+def _adapter_facts(meta: AdapterMeta) -> Table:
+    base, metrics, plan, lora = meta.base_model, meta.metrics, meta.plan, meta.recipe.lora
+    flags = [flag for flag, on in (("DoRA", lora.use_dora), ("rsLoRA", lora.use_rslora)) if on]
+    ppl = metrics.eval_perplexity_after
     rows = [
-        ("method", meta.get("method", "?") + (f" ({', '.join(flags)})" if flags else "")),
-        ("base model", f"{base.get('reference')} ({base.get('architecture', '?')})"),
-        *([("base path", base["path"])] if base.get("path") not in (None, base.get("reference")) else []),
-        ("base weights", base.get("fingerprint") or "not recorded"),
-        ("base quantization", base.get("quantization", "none")),
-        ("rank / alpha / dropout", f"{lora.get('r')} / {meta.get('lora_alpha')} / {lora.get('dropout')}"),
-        ("target modules", ", ".join(meta.get("target_modules", []))),
-        ("trainable parameters", num(meta.get("trainable_params"))),
-        ("steps / tokens", f"{metrics.get('steps')} / {num(metrics.get('train_tokens_seen'))}"),
+        ("method", meta.method + (f" ({', '.join(flags)})" if flags else "")),
+        ("base model", f"{base.reference} ({base.architecture or '?'})"),
+        *([("base path", base.path)] if base.path not in (None, base.reference) else []),
+        ("base weights", base.fingerprint or "not recorded"),
+        ("base quantization", base.quantization or "none"),
+        ("rank / alpha / dropout", f"{lora.r} / {meta.lora_alpha} / {lora.dropout}"),
+        ("target modules", ", ".join(meta.target_modules)),
+        ("trainable parameters", num(meta.trainable_params)),
+        ("steps / tokens", f"{metrics.steps} / {num(metrics.train_tokens_seen)}"),
         (
             "eval loss",
-            f"{num(metrics.get('eval_loss_before'))} -> {num(metrics.get('eval_loss_after'))}"
+            f"{num(metrics.eval_loss_before)} -> {num(metrics.eval_loss_after)}"
             + (f" (perplexity {ppl:.2f})" if isinstance(ppl, float) else ""),
         ),
-        ("speed", f"{metrics.get('tokens_per_second')} tokens/s over {metrics.get('train_runtime_s')} s"),
-        ("trained on", f"{plan.get('device')}, {plan.get('precision')}, packing {plan.get('packing')}"),
-        ("seed / created", f"{meta.get('seed')} / {meta.get('created')}"),
-        ("versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
+        ("speed", f"{metrics.tokens_per_second} tokens/s over {metrics.train_runtime_s} s"),
+        ("trained on", f"{plan.device}, {plan.precision}, packing {plan.packing}"),
+        ("seed / created", f"{meta.seed} / {meta.created}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in meta.versions.model_dump().items() if v)),
     ]
     table = Table(show_header=False, box=None)
     table.add_column(style="bold", no_wrap=True)
@@ -153,17 +156,16 @@ def _adapter_facts(meta: dict) -> Table:
     return table
 
 
-def _adapter_mix(meta: dict) -> Table:
+def _adapter_mix(meta: AdapterMeta) -> Table:
     table = new_table("share", "training tokens", "weight", "documents", "format", "data source")
-    for s in meta.get("data", {}).get("sources", []):
-        share = s.get("share")
+    for s in meta.data.sources:
         table.add_row(
-            f"{share:.1%}" if isinstance(share, float | int) else "-",
-            num(s.get("train_tokens")),
-            str(s.get("weight")),
-            num(s.get("documents")),
-            str(s.get("format")),
-            escape(str(s.get("path"))),
+            f"{s.share:.1%}" if s.share is not None else "-",
+            num(s.train_tokens),
+            str(s.weight),
+            num(s.documents),
+            str(s.format),
+            escape(str(s.path)),
         )
     return table
 

@@ -15,14 +15,15 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.recipe import BaseModelSection
 from lorakit.store import adapters, loader
+from lorakit.store.metadata import AdapterMeta, Combined, CombinedSource, LoraRecord, RecipeRecord, now
 
 # The methods offered: peft's combination types (the `_svd` ones re-factorize Σ wᵢ·ΔWᵢ at a chosen rank).
 METHODS = (
@@ -94,11 +95,8 @@ def _peft_config(store: str | Path, name: str) -> dict[str, Any]:
     return json.loads((adapters.adapter_dir(store, name) / "adapter_config.json").read_text(encoding="utf-8"))
 
 
-def _check_sources(store: str | Path, names: list[str], metas: dict[str, dict[str, Any]], method: str) -> None:
-    bases = {
-        n: (m.get("base_model", {}).get("reference"), m.get("base_model", {}).get("fingerprint"))
-        for n, m in metas.items()
-    }
+def _check_sources(store: str | Path, names: list[str], metas: dict[str, AdapterMeta], method: str) -> None:
+    bases = {n: (m.base_model.reference, m.base_model.fingerprint) for n, m in metas.items()}
     refs = {r for r, _ in bases.values()}
     prints = {f for _, f in bases.values() if f}
     if len(refs) > 1 or len(prints) > 1:
@@ -215,35 +213,43 @@ def compare_with_exact(model, sources: list[str], weights: list[float]) -> tuple
     return math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2), layers
 
 
-def combined_meta(name, names, metas, report: CombineReport, base_name: str, seed, model) -> dict[str, Any]:
+def combined_meta(name, names, metas, report: CombineReport, base_name: str, seed, model) -> AdapterMeta:
     first = metas[names[0]]
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    return {
-        "name": name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": f"LoRA ({report.method} of {len(names)})",
-        "combined": {
-            "method": report.method,
-            "weights": report.weights,
-            "density": report.density,
-            "seed": seed,
-            "relative_to_exact": report.relative_to_exact,
-            "sources": {
-                n: {k: metas[n].get(k) for k in ("created", "recipe_hash", "method", "target_modules")} for n in names
+    recorded = first.recipe.base_model or BaseModelSection()
+    return AdapterMeta(
+        name=name,
+        created=now(),
+        method=f"LoRA ({report.method} of {len(names)})",
+        combined=Combined(
+            method=report.method,
+            weights=report.weights,
+            density=report.density,
+            seed=seed,
+            relative_to_exact=report.relative_to_exact,
+            sources={
+                n: CombinedSource(
+                    created=metas[n].created,
+                    recipe_hash=metas[n].recipe_hash,
+                    method=metas[n].method,
+                    target_modules=metas[n].target_modules,
+                )
+                for n in names
             },
-        },
-        "recipe": {
-            "base_model": {**first.get("recipe", {}).get("base_model", {}), "name": base_name},
-            "lora": {"r": report.r},
-        },
-        "base_model": dict(first.get("base_model", {})),
-        "tokenizer": dict(first.get("tokenizer", {})),
-        "target_modules": report.target_modules,
-        "lora_alpha": model.peft_config["default"].lora_alpha,
-        "trainable_params": trainable,
-        "metrics": {},
-        "versions": first.get("versions", {}),
-    }
+        ),
+        recipe=RecipeRecord(
+            base_model=recorded.model_copy(update={"name": base_name})
+            if recorded
+            else BaseModelSection(name=base_name),
+            lora=LoraRecord(r=report.r),
+        ),
+        base_model=first.base_model.model_copy(),
+        tokenizer=first.tokenizer.model_copy(),
+        target_modules=report.target_modules,
+        lora_alpha=model.peft_config["default"].lora_alpha,
+        trainable_params=trainable,
+        versions=first.versions.model_copy(),
+    )
 
 
 def combine_and_merge(

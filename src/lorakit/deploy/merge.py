@@ -25,6 +25,7 @@ from lorakit.models.tokenizer import load_tokenizer
 from lorakit.plan import Plan
 from lorakit.recipe import BaseModelSection
 from lorakit.store import adapters, loader
+from lorakit.store.metadata import AdapterMeta
 
 MERGE_FILE = "lorakit-merge.json"
 # Largest |merged - base+adapter| logit difference allowed, relative to the largest |logit| (at least 1).
@@ -84,7 +85,7 @@ def merge_adapter(
     say(f"base model: {section.name} ({describe(ref)})")
     say(report.route)
     tokenizer = load_tokenizer(ref, section.trust_remote_code)
-    tokenizer.chat_template = meta.get("tokenizer", {}).get("chat_template") or tokenizer.chat_template
+    tokenizer.chat_template = meta.tokenizer.chat_template or tokenizer.chat_template
     samples, report.samples = verification_samples(meta, tokenizer)
     say(f"verifying on {report.samples}")
 
@@ -120,13 +121,13 @@ def merge_adapter(
     return report
 
 
-def base_section(meta: dict[str, Any], adapter_path: Path, dtype: str, base: str | None) -> BaseModelSection:
+def base_section(meta: AdapterMeta, adapter_path: Path, dtype: str, base: str | None) -> BaseModelSection:
     """The recipe's base model, loaded unquantized in `dtype` (or the `base` override)."""
-    recorded = meta.get("recipe", {}).get("base_model")
-    if not recorded and base is None:
+    recorded = meta.recipe.base_model
+    if recorded is None and base is None:
         hint = _peft_base(adapter_path)
         raise LorakitError(f"adapter {adapter_path.name!r} does not record its base model; pass --base{hint}")
-    section = BaseModelSection.model_validate(recorded or {})
+    section = recorded or BaseModelSection()
     update: dict[str, Any] = {"quantization": "none", "dtype": dtype}
     if base is not None:
         update["name"] = base
@@ -141,20 +142,20 @@ def _peft_base(path: Path) -> str:
     return f" (its adapter_config.json names {named!r})" if named else ""
 
 
-def _check_base(meta: dict[str, Any], ref: ModelRef, reference: str) -> None:
-    shown = {**meta, "base_model": {**meta.get("base_model", {}), "reference": reference}}
+def _check_base(meta: AdapterMeta, ref: ModelRef, reference: str) -> None:
+    shown = meta.model_copy(update={"base_model": meta.base_model.model_copy(update={"reference": reference})})
     try:
         loader.check_base(shown, ref)
     except LorakitError as e:
         raise LorakitError(f"{e}; nothing merged (pass --base with the weights it was trained on)") from None
 
 
-def describe_route(meta: dict[str, Any], dtype: str) -> str:
-    recipe_base = meta.get("recipe", {}).get("base_model", {})
-    quant = meta.get("base_model", {}).get("quantization") or recipe_base.get("quantization", "none")
+def describe_route(meta: AdapterMeta, dtype: str) -> str:
+    recipe_base = meta.recipe.base_model or BaseModelSection()
+    quant = meta.base_model.quantization or recipe_base.quantization
     route = f"merged into a {dtype} copy of the base"
     if quant == "4bit":
-        kind = recipe_base.get("quant_type", "nf4").upper()
+        kind = recipe_base.quant_type.upper()
         route += f"; the adapter was trained on a 4-bit {kind} base (never merged into 4-bit weights)"
     elif quant == "8bit":
         route += "; the adapter was trained on an 8-bit (LLM.int8) base (never merged into 8-bit weights)"

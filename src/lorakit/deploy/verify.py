@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -15,6 +14,7 @@ from lorakit.data.split import MIN_DOCS_FOR_DOC_SPLIT, split_eval
 from lorakit.data.tokens import IGNORE, Example
 from lorakit.errors import LorakitError
 from lorakit.recipe import DataSection
+from lorakit.store.metadata import AdapterMeta
 
 SAMPLE_DOCS = 4
 SAMPLE_TOKENS = 128
@@ -25,12 +25,12 @@ BUILTIN_TEXT = (
 )
 
 
-def verification_samples(meta: dict[str, Any], tokenizer) -> tuple[list[Example], str]:
+def verification_samples(meta: AdapterMeta, tokenizer) -> tuple[list[Example], str]:
     """A few documents of the adapter's own data (held-out ones first), else a fixed text; and what they are."""
-    recipe = meta.get("recipe", {})
     try:
-        section = DataSection.model_validate(recipe["data"])
-        records, n_held, source = _sample_records(section, recipe.get("train", {}).get("seed", 42))
+        # Validated here, not when lorakit.json is read: the data may have moved or changed since training.
+        section = DataSection.model_validate(meta.recipe.data)  # None (imported, combined): a ValueError
+        records, n_held, source = _sample_records(section, 42 if meta.seed is None else meta.seed)
         examples = format_records(tokenizer, records, section.sources[0].format)
     except (KeyError, ValueError, OSError, LorakitError):  # no recipe, or its data has moved or changed
         examples, n_held, source = [], 0, ""

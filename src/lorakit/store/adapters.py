@@ -10,7 +10,6 @@ import json
 import shutil
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,17 @@ from lorakit.errors import LorakitError
 from lorakit.fs import fsync_tree
 from lorakit.recipe import check_name
 from lorakit.store.card import model_card
-from lorakit.store.metadata import META_FILE, REQUIRED, check_consistent, write_meta
+from lorakit.store.metadata import (
+    META_FILE,
+    REQUIRED,
+    AdapterMeta,
+    UnreadableMeta,
+    check_consistent,
+    now,
+    peft_meta,
+    read_meta,
+    write_meta,
+)
 
 
 def adapter_dir(store: str | Path, name: str) -> Path:
@@ -39,7 +48,7 @@ def exists(store: str | Path, name: str) -> bool:
 
 
 def save_adapter(
-    model, store: str | Path, name: str, meta: dict[str, Any], overwrite: bool = False, state_dict=None
+    model, store: str | Path, name: str, meta: AdapterMeta, overwrite: bool = False, state_dict=None
 ) -> Path:
     """Write `model` (a PeftModel) as adapter `name`; replace an existing one only with `overwrite`.
 
@@ -53,7 +62,7 @@ def save_adapter(
     old = final.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (tmp / META_FILE).write_text(meta.to_json())
         (tmp / "README.md").write_text(model_card(name, meta))
         fsync_tree(tmp)
         if final.exists():
@@ -69,7 +78,8 @@ def save_adapter(
     return final
 
 
-def load_meta(store: str | Path, name: str) -> dict[str, Any]:
+def load_meta(store: str | Path, name: str) -> AdapterMeta:
+    """Adapter `name`'s lorakit.json, checked against its adapter_config.json."""
     path = adapter_dir(store, name)
     if not path.is_dir():
         known = ", ".join(a["name"] for a in list_adapters(store)) or "none"
@@ -77,17 +87,7 @@ def load_meta(store: str | Path, name: str) -> dict[str, Any]:
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
         raise LorakitError(f"adapter {name!r} is incomplete: missing {', '.join(missing)}")
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
-        return {"name": name, "imported": True}
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LorakitError(f"{meta_file}: unreadable ({e.msg} at line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise LorakitError(f"{meta_file}: unreadable (not UTF-8 text)") from None
-    if not isinstance(meta, dict):
-        raise LorakitError(f"{meta_file}: unreadable (expected a JSON object, got {type(meta).__name__})")
+    meta = read_meta(path)
     check_consistent(path, meta)
     return meta
 
@@ -96,41 +96,51 @@ def list_adapters(store: str | Path) -> list[dict[str, Any]]:
     root = Path(store)
     if not root.is_dir():
         return []
-    rows = []
-    for d in sorted(root.iterdir()):
-        if d.name.startswith(".") or not d.is_dir() or not all((d / f).is_file() for f in REQUIRED):
-            continue
+    return [
+        _row(d)
+        for d in sorted(root.iterdir())
+        if not d.name.startswith(".") and d.is_dir() and all((d / f).is_file() for f in REQUIRED)
+    ]
+
+
+def _row(d: Path) -> dict[str, Any]:
+    """One adapter of `adapters list`. One whose lorakit.json cannot be read is still listed, with what its
+    adapter_config.json says and the reason as its method, so one damaged adapter never hides the others."""
+    meta, problem = None, None
+    if (d / META_FILE).is_file():
         try:
-            meta = json.loads((d / META_FILE).read_text(encoding="utf-8")) if (d / META_FILE).is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-        if not isinstance(meta, dict):
-            meta = {}
-        rows.append(_row(d, meta))
-    return rows
-
-
-def _row(d: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    try:
-        config = json.loads((d / REQUIRED[0]).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        config = {}
-    targets = meta.get("target_modules") or config.get("target_modules") or []
+            meta = read_meta(d)
+        except UnreadableMeta as e:
+            problem = e.why
+    if meta is None:
+        meta = _from_peft_config(d)
+    if problem:
+        meta = meta.model_copy(update={"method": f"unreadable: {problem}", "imported": False})
     return {
         "name": d.name,
-        "base_model": meta.get("base_model", {}).get("reference") or config.get("base_model_name_or_path") or "?",
-        "method": meta.get("method", "imported"),
-        "r": meta.get("recipe", {}).get("lora", {}).get("r", config.get("r")),
-        "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
-        "trainable_params": meta.get("trainable_params"),
+        "base_model": meta.base_model.reference or "?",
+        "method": meta.method,
+        "r": meta.recipe.lora.r,
+        "target_modules": sorted(meta.target_modules),
+        "trainable_params": meta.trainable_params,
         "size": sum(f.stat().st_size for f in d.rglob("*") if f.is_file()),
-        "created": meta.get("created", ""),
-        "eval_loss": meta.get("metrics", {}).get("eval_loss_after"),
-        "imported": bool(meta.get("imported")),
+        "created": meta.created,
+        "eval_loss": meta.metrics.eval_loss_after,
+        "imported": meta.imported,
+        "problem": problem,
     }
 
 
-def _place(src: Path, store: str | Path, name: str, overwrite: bool, meta: dict[str, Any] | None) -> Path:
+def _from_peft_config(d: Path) -> AdapterMeta:
+    """What an adapter's adapter_config.json alone says (nothing, if it is unreadable too)."""
+    try:
+        config = json.loads((d / REQUIRED[0]).read_text(encoding="utf-8"))
+        return peft_meta(d.name, config if isinstance(config, dict) else {})
+    except (json.JSONDecodeError, UnicodeDecodeError, LorakitError):
+        return AdapterMeta(name=d.name, imported=True)
+
+
+def _place(src: Path, store: str | Path, name: str, overwrite: bool, meta: AdapterMeta | None) -> Path:
     """Copy an adapter folder into the store as `name`, atomically; rewrite its lorakit.json."""
     final = adapter_dir(store, name)
     if exists(store, name) and not overwrite:
@@ -155,7 +165,9 @@ def _place(src: Path, store: str | Path, name: str, overwrite: bool, meta: dict[
 
 def copy_adapter(store: str | Path, src: str, dst: str, overwrite: bool = False) -> Path:
     meta = load_meta(store, src)
-    return _place(adapter_dir(store, src), store, dst, overwrite, {**meta, "name": dst, "copied_from": src})
+    return _place(
+        adapter_dir(store, src), store, dst, overwrite, meta.model_copy(update={"name": dst, "copied_from": src})
+    )
 
 
 def rename_adapter(store: str | Path, src: str, dst: str) -> Path:
@@ -163,7 +175,7 @@ def rename_adapter(store: str | Path, src: str, dst: str) -> Path:
     target = adapter_dir(store, dst)
     if target.exists():
         raise LorakitError(f"adapter {dst!r} already exists in {target.parent}; remove it first")
-    write_meta(adapter_dir(store, src), {**meta, "name": dst})
+    write_meta(adapter_dir(store, src), meta.model_copy(update={"name": dst}))
     adapter_dir(store, src).rename(target)  # one atomic step within the store
     return target
 
@@ -182,22 +194,12 @@ def import_adapter(store: str | Path, path: Path, name: str | None = None, overw
         config = json.loads((path / REQUIRED[0]).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise LorakitError(f"{path / REQUIRED[0]}: unreadable") from None
+    if not isinstance(config, dict):
+        raise LorakitError(f"{path / REQUIRED[0]}: unreadable (expected a JSON object)")
     if config.get("peft_type") not in (None, "LORA"):
         raise LorakitError(f"{path}: a {config.get('peft_type')} adapter; lorakit handles LoRA adapters")
     name = name or path.resolve().name
-    base = config.get("base_model_name_or_path")
-    targets = config.get("target_modules") or []
-    meta = {
-        "name": name,
-        "imported": True,
-        "imported_from": str(path.resolve()),
-        "method": "DoRA" if config.get("use_dora") else "LoRA",
-        "base_model": {"reference": base, "fingerprint": None},
-        "recipe": {"lora": {"r": config.get("r")}, **({"base_model": {"name": base}} if base else {})},
-        "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
-        "lora_alpha": config.get("lora_alpha"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = peft_meta(name, config, str(path.resolve()), created=now())
     return _place(path, store, name, overwrite, meta)
 
 

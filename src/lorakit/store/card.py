@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorakit.store.metadata import AdapterMeta
+
 
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
@@ -11,36 +13,30 @@ def _fmt(x: Any) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def model_card(name: str, meta: dict[str, Any]) -> str:
-    recipe = meta.get("recipe", {})
-    lora = recipe.get("lora", {})
-    base = meta.get("base_model", {})
-    metrics = meta.get("metrics", {})
-    mix = meta.get("data", {}).get("sources", [])
+def model_card(name: str, meta: AdapterMeta) -> str:
+    lora, base, metrics = meta.recipe.lora, meta.base_model, meta.metrics
     lines = [
         f"# {name}",
         "",
-        f"A {meta.get('method', 'LoRA')} adapter for `{base.get('reference')}`, trained with lorakit "
-        f"{meta.get('versions', {}).get('lorakit', '')}.",
+        f"A {meta.method} adapter for `{base.reference}`, trained with lorakit {meta.versions.lorakit or ''}.",
         "",
         "| | |",
         "|---|---|",
-        f"| base model | `{base.get('reference')}` ({base.get('architecture')}) |",
-        f"| base weights | `{base.get('fingerprint')}` |",
-        f"| rank / alpha | {lora.get('r')} / {meta.get('lora_alpha')} |",
-        f"| target modules | {', '.join(meta.get('target_modules', []))} |",
-        f"| trainable parameters | {_fmt(meta.get('trainable_params', '?'))} |",
-        f"| steps / tokens | {metrics.get('steps')} / {metrics.get('train_tokens_seen')} |",
-        f"| eval loss before → after | {_fmt(metrics.get('eval_loss_before'))} → "
-        f"{_fmt(metrics.get('eval_loss_after'))} |",
-        f"| seed | {meta.get('seed')} |",
+        f"| base model | `{base.reference}` ({base.architecture}) |",
+        f"| base weights | `{base.fingerprint}` |",
+        f"| rank / alpha | {lora.r} / {meta.lora_alpha} |",
+        f"| target modules | {', '.join(meta.target_modules)} |",
+        f"| trainable parameters | {_fmt('?' if meta.trainable_params is None else meta.trainable_params)} |",
+        f"| steps / tokens | {metrics.steps} / {metrics.train_tokens_seen} |",
+        f"| eval loss before → after | {_fmt(metrics.eval_loss_before)} → {_fmt(metrics.eval_loss_after)} |",
+        f"| seed | {meta.seed} |",
         "",
         "## Data",
         "",
         "| source | format | weight | share of training tokens |",
         "|---|---|---|---|",
     ]
-    lines += [f"| `{s['path']}` | {s['format']} | {s['weight']} | {s.get('share', 0):.1%} |" for s in mix]
+    lines += [f"| `{s.path}` | {s.format} | {s.weight} | {s.share or 0:.1%} |" for s in meta.data.sources]
     lines += [
         "",
         "## Use",

@@ -16,16 +16,17 @@ from lorakit.models.tokenizer import load_tokenizer
 from lorakit.plan import Plan, plan_inference, probe
 from lorakit.recipe import BaseModelSection
 from lorakit.store import adapters
+from lorakit.store.metadata import AdapterMeta
 
 
 @dataclass
 class Loaded:
     model: Any  # a PreTrainedModel or a PeftModel holding every loaded adapter
     tokenizer: Any
-    meta: dict[str, Any]  # the first adapter's lorakit.json
+    meta: AdapterMeta | None  # the first adapter's lorakit.json
     adapter: str | None  # the first adapter
     adapters: list[str] = field(default_factory=list)
-    metas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metas: dict[str, AdapterMeta] = field(default_factory=dict)
     plan: Plan | None = None  # where and in what dtype the model runs
 
     @property
@@ -34,27 +35,27 @@ class Loaded:
         return torch.device(self.plan.device) if self.plan else next(self.model.parameters()).device
 
 
-def check_base(meta: dict[str, Any], ref: ModelRef) -> None:
+def check_base(meta: AdapterMeta, ref: ModelRef) -> None:
     """Refuse an adapter trained on different weights than the base about to be loaded."""
-    want = meta.get("base_model", {}).get("fingerprint")
+    want = meta.base_model.fingerprint
     have = weights_fingerprint(ref)
     if want and have and want != have:
         raise LorakitError(
-            f"adapter {meta.get('name')!r} was trained on base weights {want[:19]}..., but "
-            f"{meta['base_model']['reference']} now has {have[:19]}...; the adapter would not apply correctly"
+            f"adapter {meta.name!r} was trained on base weights {want[:19]}..., but "
+            f"{meta.base_model.reference} now has {have[:19]}...; the adapter would not apply correctly"
         )
 
 
-def recorded_base(names: list[str], metas: dict[str, dict], base: str | None) -> BaseModelSection:
+def recorded_base(names: list[str], metas: dict[str, AdapterMeta], base: str | None) -> BaseModelSection:
     """The base model every adapter was trained on (they must agree), or `base` if given."""
     section = BaseModelSection()
     if names:
-        recipe_base = metas[names[0]].get("recipe", {}).get("base_model")
+        recipe_base = metas[names[0]].recipe.base_model
         if recipe_base:
-            section = BaseModelSection.model_validate(recipe_base)
+            section = recipe_base
         elif base is None:
             raise LorakitError(f"adapter {names[0]!r} does not record its base model; pass --base")
-        refs = {n: metas[n].get("base_model", {}).get("reference") for n in names}
+        refs = {n: metas[n].base_model.reference for n in names}
         if len(set(refs.values())) > 1:
             listed = ", ".join(f"{n}: {r}" for n, r in refs.items())
             raise LorakitError(f"these adapters were trained on different base models ({listed}); use one at a time")
@@ -100,7 +101,7 @@ def load(
         for n in names:
             check_base(metas[n], ref)
     tokenizer = load_tokenizer(ref, section.trust_remote_code)
-    template = metas[names[0]].get("tokenizer", {}).get("chat_template") if names else None
+    template = metas[names[0]].tokenizer.chat_template if names else None
     if template:
         tokenizer.chat_template = template
     plan = inference_plan(verb, section, ref, dtype)
@@ -116,7 +117,7 @@ def load(
                 model.load_adapter(path, adapter_name=as_name)
     model.eval()
     first = names[0] if names else None
-    return Loaded(model, tokenizer, metas.get(first, {}), first, names, metas, plan)
+    return Loaded(model, tokenizer, metas.get(first), first, names, metas, plan)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from lorakit.models.tokenizer import load_tokenizer
 from lorakit.plan import Machine, Plan, plan_training, probe
 from lorakit.recipe import Recipe
 from lorakit.store import adapters
-from lorakit.store.metadata import build_meta
+from lorakit.store.metadata import AdapterMeta, build_meta
 from lorakit.training import attention, checkpoints, runtime
 from lorakit.training.callbacks import Checkpoints, EvalBefore, GracefulStop, NullDisplay, RunLog
 from lorakit.training.trainer import build_lora_config, build_sft_config, packing_is_isolated, sft_trainer_class
@@ -31,7 +31,7 @@ class TrainResult:
     name: str
     path: Path
     metrics: dict[str, Any]
-    meta: dict[str, Any]
+    meta: AdapterMeta
 
 
 def preflight(recipe: Recipe, overwrite: bool):
@@ -217,8 +217,8 @@ def train(
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(elapsed, 1e-9), 1),
     }
     meta = build_meta(recipe, ref, config, tokenizer, trainable, data, plan, metrics)
-    meta["base_model"]["fingerprint"] = key["base_fingerprint"]
-    meta["data"]["content_hash"] = key["data_content"]
+    meta.base_model.fingerprint = key["base_fingerprint"]
+    meta.data.content_hash = key["data_content"]
     path = plan_save(trainer, recipe, meta, overwrite)
     if trainer.is_world_process_zero():
         for ckpt in checkpoints.checkpoints(run_dir, complete_only=False):
@@ -226,7 +226,7 @@ def train(
     return TrainResult(recipe.adapter_name, path, metrics, meta)
 
 
-def plan_save(trainer, recipe: Recipe, meta: dict, overwrite: bool) -> Path:
+def plan_save(trainer, recipe: Recipe, meta: AdapterMeta, overwrite: bool) -> Path:
     """The main process writes the adapter; the others return once it is in place.
 
     FSDP and DeepSpeed shard the weights: every process takes part in gathering them first.

@@ -42,7 +42,7 @@ def _gen_kwargs(loaded: Loaded, max_new_tokens: int, temperature: float, top_p: 
 
 def _style(loaded: Loaded, adapter: str | None, style: str | None) -> str:
     meta = loaded.metas.get(adapter, loaded.meta) if adapter else loaded.meta
-    return style or meta.get("tokenizer", {}).get("prompt_style", "raw")
+    return style or (meta.tokenizer.prompt_style if meta else "raw")
 
 
 def generate(
