@@ -22,7 +22,7 @@ def test_import_is_light():
 def test_train_load_generate_merge(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, TIDES))
-    plan = lorakit.plan(recipe)
+    plan = lorakit.dry_run(recipe)
     assert plan.device == "cpu" and plan.steps == 6
     result = lorakit.train(recipe, overrides=["train.learning_rate=2e-2"])
     assert result.path == tmp_path / "adapters" / "tiny" and result.metrics["steps"] == 6

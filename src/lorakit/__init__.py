@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from lorakit.training.run import TrainResult
 
 __version__ = "0.1.0"
-__all__ = ["generate", "load", "merge", "plan", "train"]
+__all__ = ["dry_run", "generate", "load", "merge", "train"]
 
 
 def _recipe(recipe: str | Path | Recipe, overrides: list[str] | None) -> Recipe:
@@ -36,11 +36,11 @@ def _recipe(recipe: str | Path | Recipe, overrides: list[str] | None) -> Recipe:
     return load_recipe(recipe, overrides or [])
 
 
-def plan(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> Plan:
+def dry_run(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> Plan:
     """The resolved Plan of a recipe on this machine (`lorakit train --dry-run`): reads data and config, no weights."""
-    from lorakit.training.run import dry_run
+    from lorakit.training.run import dry_run as resolve
 
-    return dry_run(_recipe(recipe, overrides), say=lambda _: None)
+    return resolve(_recipe(recipe, overrides), say=lambda _: None)
 
 
 def train(
