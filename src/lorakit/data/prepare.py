@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.data.cache import cache_key, cache_root, load_cached, save_cached
+from lorakit.data.content import Content, data_content
 from lorakit.data.formats import format_tokens
 from lorakit.data.sources import read_records
 from lorakit.data.split import MIN_DOCS_FOR_DOC_SPLIT, mix, split_eval
@@ -22,7 +23,8 @@ log = logging.getLogger("lorakit")
 
 @dataclass
 class Prepared:
-    """Train and eval examples, the report kept in the adapter's metadata, and whether the cache gave them.
+    """Train and eval examples, the report kept in the adapter's metadata, whether the cache gave them, and the
+    content (digests and hash) of the data they were made from.
 
     `train` / `eval` build lists of `Example` (for small data and tests); training reads `datasets()`.
     """
@@ -33,6 +35,7 @@ class Prepared:
     cache: str = "off"  # "hit", "stored", "off", or why it could not be stored
     cache_key: str | None = None
     seconds: float = 0.0
+    content: Content | None = None
 
     @property
     def train(self) -> list[Example]:
@@ -65,10 +68,11 @@ class Prepared:
 def prepare(section: DataSection, tokenizer, seed: int) -> Prepared:
     """Prepared data for this section, tokenizer and seed: from the cache when it holds it, else built (and stored)."""
     started = time.perf_counter()
+    content = data_content(section)  # the files' digests, taken once: the cache key and the resume key share them
     if not section.cache:
         prepared = build(section, tokenizer, seed)
     else:
-        key = cache_key(section, tokenizer, seed)
+        key = cache_key(section, content, tokenizer, seed)
         entry = cache_root() / key
         prepared = load_cached(entry, key)
         if prepared is None:
@@ -81,6 +85,7 @@ def prepare(section: DataSection, tokenizer, seed: int) -> Prepared:
                 prepared.cache = f"{entry.parent}: {e.strerror or e}"
                 log.warning("data: could not cache the prepared data in %s (%s)", entry.parent, e)
     prepared.seconds = time.perf_counter() - started
+    prepared.content = content
     log.info("data: %s", prepared.origin())
     return prepared
 
