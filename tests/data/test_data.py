@@ -392,6 +392,29 @@ def test_prepare_eval_fraction_is_disjoint_from_train(tmp_path, llama_tok):
     assert train_ds.column_names == ["input_ids", "labels"]
 
 
+def test_prepare_records_which_documents_it_held_out(tmp_path, llama_tok):
+    a = lines_file(tmp_path / "a.txt", "Lamp", 12)
+    b = lines_file(tmp_path / "b.txt", "Tide", 10)
+    sources = ({"path": str(a), "split": "line"}, {"path": str(b), "split": "line"})
+    prep = prepare(section(*sources, block_size=32, eval_split=0.25), llama_tok, 3)
+    held = [s["held_out"] for s in prep.report["sources"]]
+    assert [len(h) for h in held] == [3, 2] and all(h == sorted(set(h)) for h in held)
+    # The recorded indices name the records whose examples form the eval set, and no training example.
+    docs = [tokenize_texts(llama_tok, texts(path, split="line")) for path in (a, b)]
+    assert prep.eval == [d for source, h in zip(docs, held, strict=True) for d in (source[i] for i in h)]
+    trained = {tuple(e.input_ids) for e in prep.train}
+    assert not trained & {tuple(e.input_ids) for e in prep.eval}
+    assert json.loads(json.dumps(prep.report)) == prep.report  # plain data for lorakit.json and the cache
+
+    # An eval file holds out nothing from the sources; too few documents are split into pieces, not documents.
+    eval_file = lines_file(tmp_path / "eval.txt", "Held", 2)
+    by_file = prepare(section(*sources, block_size=32, eval_split=str(eval_file)), llama_tok, 3)
+    assert [s["held_out"] for s in by_file.report["sources"]] == [[], []]
+    few = lines_file(tmp_path / "few.txt", "Few", 3)
+    pieces = prepare(section({"path": str(few), "split": "line"}, block_size=8, eval_split=0.3), llama_tok, 3)
+    assert pieces.eval and pieces.report["sources"][0]["held_out"] == []
+
+
 def test_prepare_eval_split_is_deterministic_per_seed(tmp_path, llama_tok):
     path = lines_file(tmp_path / "log.txt", "Lamp", 12)
     sec = section({"path": str(path), "split": "line"}, block_size=32, eval_split=0.25)

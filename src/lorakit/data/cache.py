@@ -35,8 +35,9 @@ from lorakit.recipe import DataSection
 log = logging.getLogger("lorakit")
 
 
-# Bump when prepare() gives different examples for the same inputs: older cache entries then stop matching.
-DATA_FORMAT = 1
+# Bump when prepare() gives different examples or a different report for the same inputs: older cache entries
+# then stop matching. 2: the report lists each source's held-out documents.
+DATA_FORMAT = 2
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -105,9 +105,12 @@ def build(section: DataSection, tokenizer, seed: int) -> Prepared:
         if not len(pieces):
             raise LorakitError(f"{src.path}: no usable text in this source (empty, or nothing to learn from)")
         # Hold out whole documents when there are enough of them, else block-sized pieces.
+        # Indices of the records held out whole, kept in the report: merge verification reads them rather than
+        # repeating this split (a repeat would silently drift onto training data if the split ever changed).
+        held_docs: list[int] = []
         if len(docs) >= MIN_DOCS_FOR_DOC_SPLIT:
-            kept, held = split_eval(list(range(len(docs))), fraction, rng)
-            train, evals = docs.take(kept).chunk(block), docs.take(held).chunk(block)
+            kept, held_docs = split_eval(list(range(len(docs))), fraction, rng)
+            train, evals = docs.take(kept).chunk(block), docs.take(held_docs).chunk(block)
         else:
             kept, held = split_eval(list(range(len(pieces))), fraction, rng)
             train, evals = pieces.take(kept), pieces.take(held)
@@ -120,6 +123,7 @@ def build(section: DataSection, tokenizer, seed: int) -> Prepared:
                 "weight": src.weight,
                 "documents": len(records),
                 "examples": len(train) + len(evals),
+                "held_out": held_docs,
             }
         )
     if isinstance(section.eval_split, str):
