@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RECIPES
-from lorakit.data.cache import content_hash
+from lorakit.data.content import content_hash, data_content
 from lorakit.data.formats import chunk, format_records, tokenize_chat, tokenize_texts
 from lorakit.data.prepare import n_tokens, prepare
 from lorakit.data.sources import read_records
@@ -392,6 +392,29 @@ def test_prepare_eval_fraction_is_disjoint_from_train(tmp_path, llama_tok):
     assert train_ds.column_names == ["input_ids", "labels"]
 
 
+def test_prepare_records_which_documents_it_held_out(tmp_path, llama_tok):
+    a = lines_file(tmp_path / "a.txt", "Lamp", 12)
+    b = lines_file(tmp_path / "b.txt", "Tide", 10)
+    sources = ({"path": str(a), "split": "line"}, {"path": str(b), "split": "line"})
+    prep = prepare(section(*sources, block_size=32, eval_split=0.25), llama_tok, 3)
+    held = [s["held_out"] for s in prep.report["sources"]]
+    assert [len(h) for h in held] == [3, 2] and all(h == sorted(set(h)) for h in held)
+    # The recorded indices name the records whose examples form the eval set, and no training example.
+    docs = [tokenize_texts(llama_tok, texts(path, split="line")) for path in (a, b)]
+    assert prep.eval == [d for source, h in zip(docs, held, strict=True) for d in (source[i] for i in h)]
+    trained = {tuple(e.input_ids) for e in prep.train}
+    assert not trained & {tuple(e.input_ids) for e in prep.eval}
+    assert json.loads(json.dumps(prep.report)) == prep.report  # plain data for lorakit.json and the cache
+
+    # An eval file holds out nothing from the sources; too few documents are split into pieces, not documents.
+    eval_file = lines_file(tmp_path / "eval.txt", "Held", 2)
+    by_file = prepare(section(*sources, block_size=32, eval_split=str(eval_file)), llama_tok, 3)
+    assert [s["held_out"] for s in by_file.report["sources"]] == [[], []]
+    few = lines_file(tmp_path / "few.txt", "Few", 3)
+    pieces = prepare(section({"path": str(few), "split": "line"}, block_size=8, eval_split=0.3), llama_tok, 3)
+    assert pieces.eval and pieces.report["sources"][0]["held_out"] == []
+
+
 def test_prepare_eval_split_is_deterministic_per_seed(tmp_path, llama_tok):
     path = lines_file(tmp_path / "log.txt", "Lamp", 12)
     sec = section({"path": str(path), "split": "line"}, block_size=32, eval_split=0.25)
@@ -614,3 +637,41 @@ def test_content_hash_tracks_data_content(tmp_path):
     (folder / "c.md").unlink()
     assert content_hash(section({"path": str(folder), "split": "line"})) != h1
     assert content_hash(sec) == h1
+
+
+def test_content_hash_covers_saved_datasets_the_eval_file_and_the_settings(tmp_path):
+    from datasets import Dataset
+
+    def save(texts):
+        Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+
+    save(["one saved document", "another"])
+    (tmp_path / "notes.txt").write_text("a text source")
+    (tmp_path / "eval.txt").write_text("held-out text")
+    sources = ({"path": str(tmp_path / "notes.txt")}, {"path": str(tmp_path / "saved")})
+    sec = section(*sources, eval_split=str(tmp_path / "eval.txt"))
+    content = data_content(sec)
+    assert content.hash == content_hash(sec)
+    assert "sources[0]/notes.txt" in content.files and "eval_split/eval.txt" in content.files
+    assert any(name.startswith("sources[1]/") and name.endswith(".arrow") for name in content.files)
+
+    save(["one saved document", "another, changed"])
+    changed = data_content(sec)
+    assert changed.hash != content.hash
+    assert {n for n in content.files if content.files[n] != changed.files[n]} >= {
+        n for n in content.files if n.endswith(".arrow")
+    }
+    (tmp_path / "eval.txt").write_text("other held-out text")
+    assert content_hash(sec) not in (content.hash, changed.hash)
+    h = content_hash(sec)
+    assert content_hash(sec.model_copy(update={"block_size": 256})) != h
+    assert content_hash(sec.model_copy(update={"eval_split": 0.2})) != h
+    assert content_hash(sec.model_copy(update={"packing": False, "cache": False})) == h
+
+    # The same bytes in another place are the same data.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("notes.txt", "saved", "eval.txt"):
+        (tmp_path / name).rename(moved / name)
+    sources = ({"path": str(moved / "notes.txt")}, {"path": str(moved / "saved")})
+    assert content_hash(section(*sources, eval_split=str(moved / "eval.txt"))) == h

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import CHATML, RECIPES
-from lorakit.data.cache import _npy, cache_key, content_hash
+from lorakit.data.cache import _npy, cache_key
+from lorakit.data.content import content_hash, data_content
 from lorakit.data.formats import _batches, encode
 from lorakit.data.prepare import prepare
 from lorakit.recipe import DataSection
@@ -185,7 +186,8 @@ def test_packing_and_the_cache_switch_share_one_entry(cache_home, corpus, llama_
     first = prepare(section(corpus), llama_tok, 0)
     assert prepare(section(corpus, packing=False), llama_tok, 0).cache == "hit"
     assert len(entries(cache_home)) == 1
-    assert first.cache_key == cache_key(section(corpus, packing=False), llama_tok, 0)
+    sec = section(corpus, packing=False)
+    assert first.cache_key == cache_key(sec, data_content(sec), llama_tok, 0)
 
 
 # --- damage ------------------------------------------------------------------------------------
@@ -285,6 +287,22 @@ def test_an_unwritable_cache_still_prepares(tmp_path, corpus, llama_tok, monkeyp
 
 def test_the_resume_hash_ignores_the_cache_switch(corpus):
     assert content_hash(section(corpus)) == content_hash(section(corpus, cache=False))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_prepare_hashes_each_file_once_for_the_cache_key_and_the_content_hash(corpus, llama_tok, monkeypatch, cache):
+    import lorakit.data.content
+
+    hashed = []
+    real = lorakit.data.content.sha256_file
+    monkeypatch.setattr(lorakit.data.content, "sha256_file", lambda f: hashed.append(Path(f).name) or real(f))
+    sec = section(corpus, eval_split=str(corpus.parent / "eval.txt"), cache=cache)
+    prepared = prepare(sec, llama_tok, 0)
+    assert sorted(hashed) == sorted([f.name for f in corpus.iterdir()] + ["eval.txt"])
+    hashed.clear()
+    assert prepared.content.hash == content_hash(sec)
+    assert prepared.content.files == data_content(sec).files
+    assert (prepared.cache_key is not None) == cache
 
 
 # --- the batched tokenizer path ----------------------------------------------------------------

@@ -24,12 +24,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import CHATML, RECIPES, logits, quiet, read_meta, run_cli, trained
 from lorakit.data.prepare import prepare
 from lorakit.deploy.merge import DEFAULT_TOLERANCE, MERGE_FILE, merge_adapter, save_merged
-from lorakit.deploy.verify import verification_samples
+from lorakit.deploy.verify import SAMPLE_TOKENS, verification_samples
 from lorakit.errors import LorakitError
 from lorakit.models.reference import resolve
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.recipe import DataSection
 from lorakit.store.adapters import list_adapters, load_meta, remove_adapter
+from lorakit.store.metadata import AdapterMeta
 
 TIDES = RECIPES / "data" / "tides.txt"
 
@@ -261,6 +262,69 @@ def test_samples_are_the_documents_training_held_out(llama_store, tiny_llama):
     seen = {tuple(e.input_ids) for e in data.train}
     for s in samples:
         assert tuple(s.input_ids[:block]) in held and tuple(s.input_ids[:block]) not in seen
+
+
+def typed(meta: dict) -> AdapterMeta:
+    """lorakit.json as lorakit reads it, from the dict a test has edited."""
+    return AdapterMeta.model_validate(meta)
+
+
+def held_out_examples(meta, tok) -> tuple[list[int], list, object]:
+    """The recorded held-out indices, the first source's documents formatted, and the data prepared afresh."""
+    from lorakit.data.formats import format_tokens
+    from lorakit.data.sources import read_records
+
+    section = DataSection.model_validate(meta["recipe"]["data"])
+    docs = format_tokens(tok, read_records(section.sources[0]), section.sources[0].format)
+    return meta["data"]["sources"][0]["held_out"], docs, prepare(section, tok, meta["seed"])
+
+
+def test_verify_reads_exactly_the_documents_prepare_held_out(llama_store, tiny_llama):
+    meta = read_meta(llama_store, "tiny")
+    tok = load_tokenizer(resolve(str(tiny_llama)))
+    held, docs, data = held_out_examples(meta, tok)
+    assert len(held) >= 4 and held == sorted(set(held))
+    # The recorded documents are the eval set: chunked, they give exactly the eval examples, none of them trained on.
+    block = meta["recipe"]["data"]["block_size"]
+    assert docs.take(held).chunk(block).examples() == data.eval
+    assert not {tuple(e.input_ids) for e in data.eval} & {tuple(e.input_ids) for e in data.train}
+    samples, where = verification_samples(typed(meta), tok)
+    assert where.startswith("4 held-out documents of tides.txt")
+    assert [s.input_ids for s in samples] == [e.input_ids[:SAMPLE_TOKENS] for e in docs.take(held[:4]).examples()]
+
+
+def test_verify_follows_the_recorded_documents_not_a_split_of_its_own(llama_store, tiny_llama, monkeypatch):
+    import lorakit.deploy.verify as verify
+
+    meta = read_meta(llama_store, "tiny")
+    tok = load_tokenizer(resolve(str(tiny_llama)))
+    held, docs, _ = held_out_examples(meta, tok)
+    expected = [e.input_ids[:SAMPLE_TOKENS] for e in docs.take(held[:4]).examples()]
+
+    def another_split(items, fraction, rng):  # what a changed split in data.prepare would hold out
+        n = max(1, round(len(items) * fraction))
+        return items[n:], items[:n]
+
+    assert another_split(list(range(len(docs))), 0.1, None)[1][:4] != held[:4]
+    monkeypatch.setattr(verify, "split_eval", another_split)
+    assert [s.input_ids for s in verification_samples(typed(meta), tok)[0]] == expected
+    # Without the record (an adapter written before it existed), verify repeats the split as it now stands.
+    del meta["data"]["sources"][0]["held_out"]
+    samples, where = verification_samples(typed(meta), tok)
+    assert where.startswith("4 held-out documents")
+    assert [s.input_ids for s in samples] == [e.input_ids[:SAMPLE_TOKENS] for e in docs.take([0, 1, 2, 3]).examples()]
+
+
+def test_verify_does_not_trust_held_out_indices_of_changed_data(llama_store, tiny_llama, tmp_path):
+    meta = read_meta(llama_store, "tiny")
+    tok = load_tokenizer(resolve(str(tiny_llama)))
+    copy = tmp_path / "tides.txt"
+    shutil.copy(TIDES, copy)
+    meta["recipe"]["data"]["sources"][0]["path"] = str(copy)
+    assert verification_samples(typed(meta), tok)[1].startswith("4 held-out documents")  # moved, not changed
+    copy.write_text(TIDES.read_text().replace("tide", "flood", 1))
+    samples, where = verification_samples(typed(meta), tok)
+    assert "built-in text" in where and len(samples) == 1
 
 
 def test_samples_fall_back_to_a_built_in_text(llama_store, tiny_llama):

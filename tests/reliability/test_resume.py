@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import RECIPES, tiny_recipe
+from conftest import RECIPES, run_cli, tiny_recipe, write_recipe
 from lorakit.errors import LorakitError
-from lorakit.recipe import validate_recipe
+from lorakit.recipe import load_recipe, validate_recipe
 from lorakit.training.callbacks import GracefulStop
 from lorakit.training.checkpoints import (
     MARKER,
@@ -165,3 +166,98 @@ def test_a_second_ctrl_c_aborts_at_once():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored before raising
     finally:
         stop.restore()
+
+
+# --- a changed input blocks `lorakit train --resume` ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unfinished(tiny_llama, tmp_path_factory):
+    """A folder holding a recipe over every kind of input (a text file, a folder of files, a saved dataset and a
+    separate eval file, all by relative path) and the checkpoint of its run, interrupted at step 3."""
+    from datasets import Dataset
+
+    root = tmp_path_factory.mktemp("unfinished")
+    shutil.copy(TIDES, root / "tides.txt")
+    (root / "logs").mkdir()
+    for f in sorted((RECIPES / "data" / "lighthouse").glob("*.md"))[:2]:
+        shutil.copy(f, root / "logs" / f.name)
+    paragraphs = [p for p in TIDES.read_text().split("\n\n") if p.strip()]
+    Dataset.from_dict({"text": paragraphs[:6]}).save_to_disk(str(root / "saved"))
+    (root / "eval.txt").write_text("\n\n".join(paragraphs[6:9]))
+    body = tiny_recipe(tiny_llama, TIDES, train={"max_steps": 6, "save_every": 2})
+    body["data"]["sources"] = [
+        {"path": "tides.txt", "split": "paragraph"},
+        {"path": "logs", "split": "paragraph"},
+        {"path": "saved"},
+    ]
+    body["data"]["eval_split"] = "eval.txt"
+    write_recipe(root, body)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        interrupt_at(mp, 3)
+        with pytest.raises(Interrupted):
+            train(load_recipe(root / "recipe.yaml"), say=lambda *a: None)
+    return root
+
+
+def change_saved_dataset(work):
+    from datasets import Dataset, load_from_disk
+
+    folder = work / "saved"
+    texts = load_from_disk(str(folder))["text"]
+    shutil.rmtree(folder)
+    Dataset.from_dict({"text": [*texts[:-1], texts[-1] + " The lamp was lit late."]}).save_to_disk(str(folder))
+
+
+CHANGES = {
+    "text source": (lambda d: (d / "tides.txt").write_text((d / "tides.txt").read_text() + "\n\nOne more tide."), []),
+    "file in a source folder": (lambda d: (d / "logs" / "keeper-log-02.md").write_text("A new log."), []),
+    "saved dataset": (change_saved_dataset, []),
+    "eval file": (lambda d: (d / "eval.txt").write_text("Another held-out text."), []),
+    "recipe key": (lambda d: None, ["--set", "data.block_size=32"]),
+}
+NAMED = {
+    "text source": ["data_files.sources[0]/tides.txt: "],
+    "file in a source folder": ["data_files.sources[1]/keeper-log-02.md: "],
+    "saved dataset": ["data_files.sources[2]/data-00000-of-00001.arrow: "],
+    "eval file": ["data_files.eval_split/eval.txt: "],
+    "recipe key": ["data.block_size: 64 -> 32", "data_content: "],
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_changed_input_blocks_resume_until_forced(unfinished, tmp_path, monkeypatch, change):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per change (rich wraps at the terminal's width)
+    work = tmp_path / "copy"
+    shutil.copytree(unfinished, work, symlinks=True)  # relative paths: the copy is the same run
+    done = [p.name for p in checkpoints(work / "runs" / "tiny")]
+    assert done[-1] == "checkpoint-3"
+    edit, overrides = CHANGES[change]
+    edit(work)
+    res = run_cli("train", "recipe.yaml", "--resume", *overrides, cwd=work)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert "changed since the checkpoint was written" in res.stderr and "--force" in res.stderr
+    changed = [line.strip() for line in res.stderr.splitlines() if ": " in line and " -> " in line]
+    for named in NAMED[change]:
+        assert any(line.startswith(named) for line in changed), res.stderr
+    if change != "recipe key":  # only the data changed: its hash, and the files of the one input changed
+        keys = [line.split(": ")[0] for line in changed]
+        role = NAMED[change][0].split("/")[0] + "/"
+        assert keys[0] == "data_content" and all(k.startswith(role) for k in keys[1:]), res.stderr
+    assert [p.name for p in checkpoints(work / "runs" / "tiny")] == done  # left as they were
+
+    res = run_cli("train", "recipe.yaml", "--resume", "--force", *overrides, cwd=work)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming from" in res.stdout + res.stderr
+    meta = json.loads((work / "adapters" / "tiny" / "lorakit.json").read_text())
+    assert meta["metrics"]["steps"] == 6
+    assert meta["data"]["content_hash"] == load_recipe_content_hash(work, overrides)
+
+
+def load_recipe_content_hash(work, overrides):
+    from lorakit.data.content import content_hash
+
+    recipe = load_recipe(work / "recipe.yaml", [o for o in overrides if o != "--set"])
+    return content_hash(recipe.data)

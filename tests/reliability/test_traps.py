@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES, cpu_plan, read_meta, run_cli, tiny_recipe, write_recipe
-from lorakit.data.cache import content_hash
+from lorakit.data.content import content_hash
 from lorakit.data.prepare import prepare
 from lorakit.models.architecture import choose_targets
 from lorakit.models.reference import resolve

@@ -21,33 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
+from lorakit.data.content import Content
 from lorakit.data.formats import fast_backend
-from lorakit.data.sources import is_saved_dataset, source_files
 from lorakit.data.tokens import Prepared, Tokens, offsets_of
-from lorakit.fs import cache_dir, dir_size, sha256_file
+from lorakit.fs import cache_dir, dir_size
 from lorakit.recipe import DataSection
 
 log = logging.getLogger("lorakit")
 
 
-# Bump when prepare() gives different examples for the same inputs: older cache entries then stop matching.
-DATA_FORMAT = 1
-
-
-def content_hash(section: DataSection) -> str:
-    h = hashlib.sha256()
-    for src in section.sources:
-        for f in source_files(Path(src.path)) if not is_saved_dataset(Path(src.path)) else []:
-            h.update(f.name.encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
-        h.update(json.dumps(src.model_dump(exclude={"path"}), sort_keys=True).encode())
-    return "sha256:" + h.hexdigest()
-
-
-def _data_files(path: Path) -> list[tuple[str, str]]:
-    """(name under `path`, sha256) of every file prepare reads from `path`; a saved dataset's files too."""
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if is_saved_dataset(path) else source_files(path)
-    return [(f.relative_to(path).as_posix() if f != path else f.name, sha256_file(f)) for f in files]
+# Bump when prepare() gives different examples or a different report for the same inputs: older cache entries
+# then stop matching. 2: the report lists each source's held-out documents.
+DATA_FORMAT = 2
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -66,13 +51,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(section: DataSection, tokenizer, seed: int) -> str:
-    """Everything prepared data depends on: the files' bytes, the data section, the tokenizer, the seed."""
-    paths = [s.path for s in section.sources] + ([section.eval_split] if isinstance(section.eval_split, str) else [])
+def cache_key(section: DataSection, content: Content, tokenizer, seed: int) -> str:
+    """Everything prepared data depends on: the data's content hash, the data section, the tokenizer, the seed."""
     facts = {
         "format": DATA_FORMAT,
+        "content": content.hash,
+        # The whole section, paths too: an entry's report names its sources' paths.
         "section": section.model_dump(mode="json", exclude={"cache", "packing"}),
-        "files": [_data_files(Path(p)) for p in paths],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "seed": seed,
     }

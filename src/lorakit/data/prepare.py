@@ -7,6 +7,7 @@ import random
 import time
 
 from lorakit.data.cache import cache_key, cache_root, load_cached, save_cached
+from lorakit.data.content import data_content
 from lorakit.data.formats import format_tokens
 from lorakit.data.sources import read_records
 from lorakit.data.split import MIN_DOCS_FOR_DOC_SPLIT, mix, split_eval
@@ -20,10 +21,11 @@ log = logging.getLogger("lorakit")
 def prepare(section: DataSection, tokenizer, seed: int) -> Prepared:
     """Prepared data for this section, tokenizer and seed: from the cache when it holds it, else built (and stored)."""
     started = time.perf_counter()
+    content = data_content(section)  # the files' digests, taken once: the cache key and the resume key share them
     if not section.cache:
         prepared = build(section, tokenizer, seed)
     else:
-        key = cache_key(section, tokenizer, seed)
+        key = cache_key(section, content, tokenizer, seed)
         entry = cache_root() / key
         prepared = load_cached(entry, key)
         if prepared is None:
@@ -36,6 +38,7 @@ def prepare(section: DataSection, tokenizer, seed: int) -> Prepared:
                 prepared.cache = f"{entry.parent}: {e.strerror or e}"
                 log.warning("data: could not cache the prepared data in %s (%s)", entry.parent, e)
     prepared.seconds = time.perf_counter() - started
+    prepared.content = content
     log.info("data: %s", prepared.origin())
     return prepared
 
@@ -55,9 +58,12 @@ def build(section: DataSection, tokenizer, seed: int) -> Prepared:
         if not len(pieces):
             raise LorakitError(f"{src.path}: no usable text in this source (empty, or nothing to learn from)")
         # Hold out whole documents when there are enough of them, else block-sized pieces.
+        # Indices of the records held out whole, kept in the report: merge verification reads them rather than
+        # repeating this split (a repeat would silently drift onto training data if the split ever changed).
+        held_docs: list[int] = []
         if len(docs) >= MIN_DOCS_FOR_DOC_SPLIT:
-            kept, held = split_eval(list(range(len(docs))), fraction, rng)
-            train, evals = docs.take(kept).chunk(block), docs.take(held).chunk(block)
+            kept, held_docs = split_eval(list(range(len(docs))), fraction, rng)
+            train, evals = docs.take(kept).chunk(block), docs.take(held_docs).chunk(block)
         else:
             kept, held = split_eval(list(range(len(pieces))), fraction, rng)
             train, evals = pieces.take(kept), pieces.take(held)
@@ -70,6 +76,7 @@ def build(section: DataSection, tokenizer, seed: int) -> Prepared:
                 "weight": src.weight,
                 "documents": len(records),
                 "examples": len(train) + len(evals),
+                "held_out": held_docs,
             }
         )
     if isinstance(section.eval_split, str):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from lorakit.data.content import Content
 
 IGNORE = -100
 TOKEN = np.int32
@@ -159,6 +162,7 @@ class Prepared:
     cache: str = "off"  # "hit", "stored", "off", or why it could not be stored
     cache_key: str | None = None
     seconds: float = 0.0
+    content: Content | None = None  # digests and hash of the data files and settings these were made from
 
     @property
     def train(self) -> list[Example]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.data.content import content_hash
 from lorakit.data.formats import format_records
 from lorakit.data.sources import read_records
 from lorakit.data.split import MIN_DOCS_FOR_DOC_SPLIT, split_eval
@@ -30,7 +31,8 @@ def verification_samples(meta: AdapterMeta, tokenizer) -> tuple[list[Example], s
     try:
         # Validated here, not when lorakit.json is read: the data may have moved or changed since training.
         section = DataSection.model_validate(meta.recipe.data)  # None (imported, combined): a ValueError
-        records, n_held, source = _sample_records(section, 42 if meta.seed is None else meta.seed)
+        held = _recorded_held_out(meta, section)
+        records, n_held, source = _sample_records(section, held, 42 if meta.seed is None else meta.seed)
         examples = format_records(tokenizer, records, section.sources[0].format)
     except (KeyError, ValueError, OSError, LorakitError):  # no recipe, or its data has moved or changed
         examples, n_held, source = [], 0, ""
@@ -43,22 +45,33 @@ def verification_samples(meta: AdapterMeta, tokenizer) -> tuple[list[Example], s
     return samples, f"{' and '.join(kinds)} document{'s' * (n != 1)} of {source} (first {SAMPLE_TOKENS} tokens each)"
 
 
-def _sample_records(section: DataSection, seed: int) -> tuple[list[dict], int, str]:
+def _recorded_held_out(meta: AdapterMeta, section: DataSection) -> list[int] | None:
+    """The first source's held-out record indices as training recorded them; None for an adapter written before
+    they were recorded. Raises ValueError if the data changed since: the indices would name other documents."""
+    held = meta.data.sources[0].held_out if meta.data and meta.data.sources else None
+    if held is None:
+        return None
+    if meta.data.content_hash not in (None, content_hash(section)):
+        raise ValueError("the training data changed since the adapter was trained")
+    return [int(i) for i in held]
+
+
+def _sample_records(section: DataSection, held: list[int] | None, seed: int) -> tuple[list[dict], int, str]:
     """Up to SAMPLE_DOCS records of the first source, held-out ones first: (records, how many held out, source)."""
     first = section.sources[0]
     if isinstance(section.eval_split, str):
-        held = read_records(first.model_copy(update={"path": section.eval_split}))[:SAMPLE_DOCS]
-        return held, len(held), Path(section.eval_split).name
+        held_records = read_records(first.model_copy(update={"path": section.eval_split}))[:SAMPLE_DOCS]
+        return held_records, len(held_records), Path(section.eval_split).name
     records = read_records(first)
-    order = list(range(len(records)))
-    n_held = 0
-    if section.eval_split > 0 and len(records) >= MIN_DOCS_FOR_DOC_SPLIT:
-        # data.prepare splits the first source with a fresh Random(seed) over its documents, one example
-        # per record: the same call on the record indices finds the documents it held out.
-        _, held = split_eval(order, section.eval_split, random.Random(seed))
-        order = held + sorted(set(order) - set(held))
-        n_held = min(len(held), SAMPLE_DOCS)
-    return [records[i] for i in order[:SAMPLE_DOCS]], n_held, Path(first.path).name
+    if held is None and section.eval_split > 0 and len(records) >= MIN_DOCS_FOR_DOC_SPLIT:
+        # An adapter from before the held-out documents were recorded: repeat data.prepare's split of the first
+        # source (a fresh Random(seed) over its record indices), as lorakit then did.
+        _, held = split_eval(list(range(len(records))), section.eval_split, random.Random(seed))
+    held = held or []
+    if any(not 0 <= i < len(records) for i in held):
+        raise ValueError("the recorded held-out documents are not in the data")
+    order = held + sorted(set(range(len(records))) - set(held))
+    return [records[i] for i in order[:SAMPLE_DOCS]], min(len(held), SAMPLE_DOCS), Path(first.path).name
 
 
 def forward(model, samples: list[Example]) -> list[torch.Tensor]:

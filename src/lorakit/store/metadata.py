@@ -55,6 +55,7 @@ class SourceReport(Record):
     examples: int | None = None
     train_tokens: int | None = None
     share: float | None = None  # of the training tokens
+    held_out: list[int] | None = None  # record indices held out for evaluation (None: written before recorded)
 
 
 class DataReport(Record):

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lorakit.data.content import Content
 from lorakit.errors import LorakitError
 from lorakit.fs import fsync_tree
 from lorakit.recipe import Recipe
@@ -80,15 +81,18 @@ def prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def resume_key(recipe: Recipe, base_fingerprint: str | None, data_hash: str) -> dict[str, Any]:
+def resume_key(recipe: Recipe, base_fingerprint: str | None, content: Content) -> dict[str, Any]:
+    """What a checkpoint's run must share with this one to continue it. The data's hash decides; its files'
+    digests and settings are there so a refusal names the file or the key that changed."""
     lora = recipe.lora.model_dump(mode="json")
     return {
         "base_model": recipe.base_model.name,
         "base_fingerprint": base_fingerprint,
         "quantization": recipe.base_model.quantization,
-        "data_content": data_hash,
+        "data_content": content.hash,
+        "data_files": content.short_files(),
+        "data": content.settings,
         "lora": lora,
-        "block_size": recipe.data.block_size,
         "packing": recipe.data.packing,
         "seed": recipe.train.seed,
         "batch_size": recipe.train.batch_size,

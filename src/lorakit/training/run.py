@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.data.cache import content_hash
 from lorakit.data.prepare import Prepared, prepare
 from lorakit.errors import LorakitError
 from lorakit.models.architecture import check_quantizable, choose_targets, skeleton
@@ -164,7 +163,7 @@ def train(
     if not machine.gpus:
         runtime.bound_cpu_kernel_cache()
     ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite or resume)
-    key = checkpoints.resume_key(recipe, weights_fingerprint(ref), content_hash(recipe.data))
+    key = checkpoints.resume_key(recipe, weights_fingerprint(ref), data.content)
     run_dir, resume_from, run_info = prepare_run_dir(recipe, key, overwrite, resume, force)
     plan = resolve_plan(recipe, targets, fan_in_fan_out, data, machine)
     say(f"base model: {recipe.base_model.name} ({describe(ref)}, {config.model_type})")
