@@ -18,6 +18,7 @@ from lorakit.cli import (
     user_errors,
 )
 from lorakit.errors import LorakitError
+from lorakit.fs import dir_size
 
 # --- merge ------------------------------------------------------------------------------------
 
@@ -133,7 +134,7 @@ def _is_number(text: str) -> bool:
 
 
 def _merged_message(report) -> None:
-    size = sum(f.stat().st_size for f in report.out.rglob("*") if f.is_file())
+    size = dir_size(report.out)
     console.print(
         f"[green]wrote merged model[/] {escape(str(report.out))} ({size_text(size)}, {report.seconds:.1f} s); "
         "it loads with transformers' AutoModelForCausalLM.from_pretrained, no peft needed",

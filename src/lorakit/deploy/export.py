@@ -7,6 +7,7 @@ from pathlib import Path
 from lorakit.deploy.gguf import export_gguf
 from lorakit.deploy.ollama import stop_tokens, write_modelfile
 from lorakit.errors import LorakitError
+from lorakit.fs import staged_dir
 
 FORMATS = ("hf", "gguf", "ollama")
 
@@ -30,13 +31,15 @@ def export_model(
     if fmt == "hf":
         if is_dir:
             out = check_out(out, overwrite, keep=[model_dir])
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(model_dir, out)
+            try:
+                with staged_dir(out) as tmp:  # the old folder stays until the copy is complete
+                    shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+            except OSError as e:
+                raise LorakitError(f"could not write {out}: {e.strerror or e}; nothing written") from None
         else:
             merge_adapter(store, source, out, overwrite=overwrite, say=say)
         return out
     name = model_dir.resolve().name if is_dir else source
-    gguf_file = out / f"{name}.gguf" if fmt == "ollama" else out
     if fmt == "ollama":
         check_out(out, overwrite, keep=[model_dir] if is_dir else [])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -44,10 +47,13 @@ def export_model(
         if not is_dir:
             say(f"merging adapter {source!r} first")
             model_dir = merge_adapter(store, source, Path(tmp) / "merged", say=say).out
-        report = export_gguf(model_dir, gguf_file, qtype, overwrite=overwrite, say=say)
-        if fmt == "ollama":
-            from transformers import AutoTokenizer
+        if fmt == "gguf":
+            export_gguf(model_dir, out, qtype, overwrite=overwrite, say=say)  # one file, renamed into place
+            return out
+        from transformers import AutoTokenizer
 
+        with staged_dir(out) as folder:  # the GGUF file and its Modelfile, in place together
+            report = export_gguf(model_dir, folder / f"{name}.gguf", qtype, say=say)
             tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             write_modelfile(report.out, tok.chat_template, stop_tokens(tok))
     return out

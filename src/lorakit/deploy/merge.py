@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 from lorakit.deploy.verify import compare, forward, perplexity, verification_samples
 from lorakit.errors import LorakitError
+from lorakit.fs import staged_dir
 from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, describe, local_files, resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
@@ -99,22 +98,19 @@ def merge_adapter(
     report.logit_scale = max(float(r.abs().max()) for r in reference)
     report.tolerance = tol
     _verify(report, compare(merged, samples, reference)[0], "merged model")
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        save_merged(merged, tokenizer, tmp)
-        del model, merged  # free the in-memory model before loading the written one
-        diff, report.perplexity_merged = compare(_load_plain(tmp, plan), samples, reference)
-        _verify(report, diff, "written model (reloaded with transformers)")
-        report.perplexity_adapter = perplexity(reference, samples)
-        report.seconds = round(time.perf_counter() - started, 2)
-        (tmp / MERGE_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        _move_into_place(tmp, out)
+        with staged_dir(out) as tmp:  # in place only once written, reloaded and checked
+            save_merged(merged, tokenizer, tmp)
+            del model, merged  # free the in-memory model before loading the written one
+            diff, report.perplexity_merged = compare(_load_plain(tmp, plan), samples, reference)
+            _verify(report, diff, "written model (reloaded with transformers)")
+            report.perplexity_adapter = perplexity(reference, samples)
+            report.seconds = round(time.perf_counter() - started, 2)
+            (tmp / MERGE_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     except OSError as e:
         raise LorakitError(
             f"could not write the merged model next to {out}: {e.strerror or e}; nothing written"
         ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     say(f"logits: merged - (base+adapter) at most {report.max_abs_diff:.2e} (relative {report.relative_diff:.2e})")
     say(f"  tolerance {tol:.0e}; the adapter itself moves logits by up to {report.adapter_effect:.2e}")
     say(f"perplexity: base+adapter {report.perplexity_adapter:.4f}, merged {report.perplexity_merged:.4f}")
@@ -210,22 +206,8 @@ def save_merged(model, tokenizer, path: Path) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
-    adapters.fsync_tree(path)
 
 
 def _load_plain(path: Path, plan: Plan):
     """The written folder as a user loads it: plain transformers, no peft, the saved dtype, where the Plan says."""
     return load_model(resolve(str(path)), plan).eval()
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError as e:
-        if old.exists():
-            old.rename(out)
-        raise LorakitError(f"could not move the merged model into {out}: {e.strerror or e}") from None
-    shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.fs import cache_dir, sha256_file
+from lorakit.fs import cache_dir, dir_size, sha256_file, staged_dir
 
 log = logging.getLogger("lorakit")
 
@@ -78,15 +77,12 @@ def pull_embedded(name: str = "smollm2-135m-instruct", source: Path | None = Non
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         model.generation_config = loaded.generation_config
-        out = tmp_path / "model"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        meta = {"name": name, "package": EMBEDDED[name]["package"], "gguf_sha256": sha256_file(gguf)}
-        (out / "lorakit-source.json").write_text(json.dumps(meta, indent=2))
-        (out / ".complete").write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        out.rename(final)
+        with staged_dir(final) as out:
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            meta = {"name": name, "package": EMBEDDED[name]["package"], "gguf_sha256": sha256_file(gguf)}
+            (out / "lorakit-source.json").write_text(json.dumps(meta, indent=2))
+            (out / ".complete").write_text("ok\n")
     return final
 
 
@@ -95,7 +91,7 @@ def list_embedded() -> list[dict]:
     for name, spec in EMBEDDED.items():
         path = embedded_dir(name)
         cached = (path / ".complete").exists()
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if cached else 0
+        size = dir_size(path) if cached else 0
         rows.append(
             {
                 "name": f"embedded:{name}",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.fs import fsync_tree
+from lorakit.fs import dir_size, staged_dir
 from lorakit.recipe import check_name
 from lorakit.store.card import model_card
 from lorakit.store.metadata import (
@@ -57,24 +57,13 @@ def save_adapter(
     final = adapter_dir(store, name)
     if exists(store, name) and not overwrite:
         raise LorakitError(f"adapter {name!r} already exists in {final.parent}; use --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    old = final.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-        (tmp / META_FILE).write_text(meta.to_json())
-        (tmp / "README.md").write_text(model_card(name, meta))
-        fsync_tree(tmp)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
+        with staged_dir(final) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+            (tmp / META_FILE).write_text(meta.to_json())
+            (tmp / "README.md").write_text(model_card(name, meta))
     except OSError as e:
-        if old.exists() and not final.exists():
-            old.rename(final)
         raise LorakitError(f"could not write adapter {name!r} to {final.parent}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -123,7 +112,7 @@ def _row(d: Path) -> dict[str, Any]:
         "r": meta.recipe.lora.r,
         "target_modules": sorted(meta.target_modules),
         "trainable_params": meta.trainable_params,
-        "size": sum(f.stat().st_size for f in d.rglob("*") if f.is_file()),
+        "size": dir_size(d),
         "created": meta.created,
         "eval_loss": meta.metrics.eval_loss_after,
         "imported": meta.imported,
@@ -145,21 +134,14 @@ def _place(src: Path, store: str | Path, name: str, overwrite: bool, meta: Adapt
     final = adapter_dir(store, name)
     if exists(store, name) and not overwrite:
         raise LorakitError(f"adapter {name!r} already exists in {final.parent}; use --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"))
-        if meta is not None:
-            write_meta(tmp, meta)
-            (tmp / "README.md").write_text(model_card(name, meta))
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with staged_dir(final) as tmp:
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
+            if meta is not None:
+                write_meta(tmp, meta)
+                (tmp / "README.md").write_text(model_card(name, meta))
     except OSError as e:
         raise LorakitError(f"could not write adapter {name!r} to {final.parent}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
