@@ -127,6 +127,19 @@ class Plan(Frozen):
         return lines
 
 
+def _base_choices(section: BaseModelSection, machine: Machine, precision: Precision) -> dict:
+    """What training and inference decide alike: the device, precision, quantization and attention."""
+    return {
+        "device": f"cuda:{machine.local_rank}" if machine.gpus else "cpu",
+        "precision": precision,
+        "quantization": section.quantization,
+        "quant_type": section.quant_type,
+        "double_quant": section.double_quant,
+        "compute_dtype": DTYPE_OF[precision] if section.compute_dtype == "auto" else section.compute_dtype,
+        "attn_implementation": None if section.attn_implementation == "auto" else section.attn_implementation,
+    }
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -174,25 +187,17 @@ def plan_training(
         raise LorakitError(f"LOCAL_RANK {machine.local_rank} but this machine has {len(machine.gpus)} GPU(s)")
     precision = _precision(recipe, machine)
     weights, note = _weights_dtype(base, precision, cuda)
-    compute = DTYPE_OF[precision] if base.compute_dtype == "auto" else base.compute_dtype
     # A quantized base is chosen for memory: there checkpointing is worth its recomputation on the CPU too
     # (measured, QLoRA on SmolLM2-135M: 40-46% less peak memory for 11-25% fewer tokens/s).
     gc = {"on": True, "off": False, "auto": cuda or base.quantization != "none"}[t.gradient_checkpointing]
-    attn = None if base.attn_implementation == "auto" else base.attn_implementation
     steps = per_epoch = None
     if packed_rows is not None:
         per_epoch, steps = training_steps(recipe, packed_rows, machine.world_size)
     return Plan(
         verb="train",
-        device=f"cuda:{machine.local_rank}" if cuda else "cpu",
         world_size=machine.world_size,
-        precision=precision,
         weights_dtype=weights,
-        quantization=base.quantization,
-        quant_type=base.quant_type,
-        double_quant=base.double_quant,
-        compute_dtype=compute,
-        attn_implementation=attn,
+        **_base_choices(base, machine, precision),
         gradient_checkpointing=gc,
         packing="padding-free" if recipe.data.packing else "one per row",
         target_modules=tuple(targets) if isinstance(targets, list) else (targets,),
@@ -237,17 +242,10 @@ def plan_inference(
         if size > FIT_SHARE * machine.gpus[0].memory:
             device_map = "auto"
             notes.append(f"weights ({size / 2**30:.1f} GB) do not fit one GPU: spread over every GPU and the CPU")
-    compute = DTYPE_OF[precision] if section.compute_dtype == "auto" else section.compute_dtype
     return Plan(
         verb=verb,
-        device=f"cuda:{machine.local_rank}" if cuda else "cpu",
         device_map=device_map,
-        precision=precision,
         weights_dtype=dtype,
-        quantization=section.quantization,
-        quant_type=section.quant_type,
-        double_quant=section.double_quant,
-        compute_dtype=compute,
-        attn_implementation=None if section.attn_implementation == "auto" else section.attn_implementation,
+        **_base_choices(section, machine, precision),
         notes=tuple(notes),
     )
