@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES, read_meta, tiny_recipe
 from lorakit.errors import LorakitError
+from lorakit.internals import keep_4bit_trainable_on_cpu
 from lorakit.models.architecture import choose_targets, skeleton
-from lorakit.models.load import keep_4bit_trainable_on_cpu, load_model
+from lorakit.models.load import load_model
 from lorakit.models.reference import resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.recipe import validate_recipe
