@@ -192,3 +192,16 @@ def test_exit_handlers_guard_names_python(monkeypatch):
     monkeypatch.delattr(atexit, "_run_exitfuncs")
     with pytest.raises(LorakitError, match=r"^python \S+ no longer has atexit._run_exitfuncs"):
         internals.run_exit_handlers()
+
+
+# --- warnings (pyproject.toml's filterwarnings) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("category", [DeprecationWarning, FutureWarning])
+def test_a_deprecation_from_lorakits_own_code_fails_the_suite(category):
+    """A library deprecation lorakit triggers surfaces while the old API still works, not after the upgrade."""
+    code = f"import warnings\nwarnings.warn('old API', {category.__name__})\n"
+    with pytest.raises(category):
+        exec(compile(code, "lorakit/somewhere.py", "exec"), {"__name__": "lorakit.training.somewhere"})
+    with pytest.warns(category):  # another package's stays a warning
+        exec(compile(code, "other/somewhere.py", "exec"), {"__name__": "lorakitten.somewhere"})
