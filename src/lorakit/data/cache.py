@@ -153,6 +153,8 @@ def load_cached(entry: Path, key: str) -> Prepared | None:
             sets[part] = Tokens.flat(ids, labels, offsets)
         with contextlib.suppress(OSError):  # when it was last used (`lorakit cache list`); a read-only cache is fine
             os.utime(entry / "meta.json")
+        from lorakit.data.prepare import Prepared  # here: lorakit.data.prepare imports this module
+
         return Prepared(sets["train"], sets["eval"], meta["report"], cache="hit", cache_key=key)
     except Exception as e:  # whatever is wrong with the entry, preparing the data again is the answer
         log.warning("data: ignoring the damaged cache entry %s (%s); preparing the data again", entry, e)
