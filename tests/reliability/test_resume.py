@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import types
 
 import pytest
 import torch
@@ -14,11 +15,10 @@ from safetensors.torch import load_file
 from conftest import RECIPES, run_cli, tiny_recipe, write_recipe
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe, validate_recipe
-from lorakit.training.callbacks import GracefulStop
+from lorakit.training.callbacks import Checkpoints, GracefulStop
 from lorakit.training.checkpoints import (
     MARKER,
     RUN_FILE,
-    STAGING,
     Interrupted,
     checkpoints,
     find_resume,
@@ -74,7 +74,8 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(uninterrupted, tiny_
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
         p.name for p in exc.value.checkpoint.iterdir()
     }
-    assert not (tmp_path / "runs" / "run" / STAGING).exists()
+    run_dir = tmp_path / "runs" / "run"
+    assert checkpoints(run_dir, complete_only=False) == checkpoints(run_dir)  # every checkpoint folder is marked
     assert not (tmp_path / "adapters" / "run").exists()  # nothing half-done in the store
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.undo()
@@ -138,6 +139,17 @@ def test_resume_ignores_an_unfinished_checkpoint(tmp_path):
     write_run(run_dir, {"resume_key": {"a": 1}})
     ckpt, _ = find_resume(run_dir, {"a": 1}, force=False)
     assert ckpt.name == "checkpoint-4"
+
+
+def test_a_run_starts_by_removing_unfinished_checkpoints(tmp_path):
+    """A checkpoint cut short by a crash is removed before training writes any: a save of the same step must not
+    find the earlier run's files (another process's RNG state, say) in its folder."""
+    (tmp_path / "checkpoint-2").mkdir()
+    mark_complete(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "rng_state_1.pth").write_bytes(b"left by a crash")
+    Checkpoints(tmp_path, keep=2).on_train_begin(None, types.SimpleNamespace(is_world_process_zero=True), None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
 
 
 def test_prune_keeps_the_newest_complete_checkpoint(tmp_path):

@@ -1,5 +1,5 @@
-"""lorakit.training.runtime: the dtypes peft's and bitsandbytes' layers answer in under autocast, and the CPU
-kernel cache."""
+"""How training uses the hardware: the dtypes peft's and bitsandbytes' layers answer in under autocast
+(lorakit.internals), the adapter's dtype and the CPU kernel cache (lorakit.training.runtime)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES, load_on_cpu, tiny_recipe
+from lorakit.internals import keep_lora_inputs_as_they_come, quantized_outputs_in_compute_dtype
 from lorakit.recipe import validate_recipe
-from lorakit.training.runtime import (
-    adapter_in_float32,
-    bound_cpu_kernel_cache,
-    keep_lora_inputs_as_they_come,
-    quantized_outputs_in_compute_dtype,
-)
+from lorakit.training.runtime import adapter_in_float32, bound_cpu_kernel_cache
 
 TIDES = RECIPES / "data" / "tides.txt"
 

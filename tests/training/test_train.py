@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES, cpu_plan, load_on_cpu, read_meta, tiny_recipe
 from lorakit.errors import LorakitError
+from lorakit.internals import keep_4bit_trainable_on_cpu
 from lorakit.models.architecture import choose_targets, skeleton
-from lorakit.models.load import keep_4bit_trainable_on_cpu
 from lorakit.models.reference import resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.plan import cpu_has_bf16

@@ -124,9 +124,9 @@ def main() -> None:
     dist = sys.modules.get("torch.distributed")
     if threading.active_count() > 1 or (dist is not None and dist.is_available() and dist.is_initialized()):
         sys.exit(code)
-    import atexit
+    from lorakit.internals import run_exit_handlers
 
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     import contextlib
 
     for stream in (sys.stdout, sys.stderr):

@@ -109,7 +109,6 @@ def save_cached(prepared: Prepared, entry: Path, key: str) -> None:
 
 def load_cached(entry: Path, key: str) -> Prepared | None:
     """The prepared data stored under `entry`, or None if it is missing, stale or damaged."""
-    from lorakit.data.prepare import Prepared  # here, not at the top: data.prepare imports this module
 
     if not (entry / "meta.json").exists():
         return None
@@ -135,6 +134,7 @@ def load_cached(entry: Path, key: str) -> Prepared | None:
             sets[part] = Tokens.flat(ids, labels, offsets)
         with contextlib.suppress(OSError):  # when it was last used (`lorakit cache list`); a read-only cache is fine
             os.utime(entry / "meta.json")
+
         return Prepared(sets["train"], sets["eval"], meta["report"], cache="hit", cache_key=key)
     except Exception as e:  # whatever is wrong with the entry, preparing the data again is the answer
         log.warning("data: ignoring the damaged cache entry %s (%s); preparing the data again", entry, e)

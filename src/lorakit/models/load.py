@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -87,31 +88,11 @@ def release_checkpoint_map(model) -> int:
     of a 517 MB checkpoint, next to a 160 MB quantized model). Copying the few unconverted weights lets the map go.
     Returns the number of tensors copied.
     """
-    seen: set[int] = set()
-    for module in model.modules():
-        for tensors in (module._parameters, module._buffers):
-            for t in tensors.values():
-                if t is None or id(t) in seen or not t.is_floating_point() or t.device.type != "cpu":
-                    continue
-                seen.add(id(t))
-                t.data = t.data.clone()
-    return len(seen)
-
-
-def keep_4bit_trainable_on_cpu(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
-
-    bitsandbytes 0.50 repacks a Linear4bit's weights on the first no-grad forward in eval mode on
-    a CPU with AVX512-BF16 (an evaluation, say); the kernel it then uses for every later forward,
-    training included, has no backward, so gradients through the base are silently wrong
-    (measured: a QLoRA run that evaluated first learned about a tenth as much). Returns the
-    number of layers changed.
-    """
-    try:
-        import bitsandbytes as bnb
-    except Exception:
-        return 0
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = False
-    return len(layers)
+    copied = 0
+    # parameters() and buffers() each yield a shared tensor once; `.data =` swaps the storage in place, so the
+    # module (and any module tying the same tensor) keeps the same Parameter or buffer object.
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point() and t.device.type == "cpu":
+            t.data = t.data.clone()
+            copied += 1
+    return copied

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.internals import without_bitsandbytes
 from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, parameter_count, resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
@@ -118,36 +118,3 @@ def load(
     model.eval()
     first = names[0] if names else None
     return Loaded(model, tokenizer, metas.get(first), first, names, metas, plan)
-
-
-@contextlib.contextmanager
-def without_bitsandbytes(quantized: bool):
-    """Import and use peft for a full-precision base without importing bitsandbytes.
-
-    peft imports bitsandbytes whenever it is installed (at import, and again when it wraps layers),
-    and bitsandbytes imports torch's compiler: about 1 s of a generation's start-up, for nothing when
-    the base is not quantized. When the base is not quantized and bitsandbytes is not imported yet in
-    this process, it is hidden for the duration (an import of it fails, find_spec says it is absent;
-    peft then registers no 4/8-bit layers), and peft's cached answers are forgotten afterwards, so a
-    quantized model loaded later in the same process still gets them."""
-    import sys
-
-    if quantized or "bitsandbytes" in sys.modules:
-        yield
-        return
-    sys.modules["bitsandbytes"] = None
-    _forget_bnb_answers()
-    try:
-        yield
-    finally:
-        del sys.modules["bitsandbytes"]
-        _forget_bnb_answers()
-
-
-def _forget_bnb_answers() -> None:
-    import sys
-
-    utils = sys.modules.get("peft.import_utils")
-    if utils is not None:
-        for name in ("is_bnb_available", "is_bnb_4bit_available"):
-            getattr(utils, name).cache_clear()

@@ -8,7 +8,7 @@ kernel also needs the key/value heads copied out for grouped-query attention. `p
 causal attention on each document's span instead (the same softmax over the same keys, so the same
 result up to rounding), and hands every other case (batches of several rows, a KV cache, sliding
 windows, soft-capping, position ids that do not describe packed documents) to transformers' own
-`sdpa_attention_forward` unchanged.
+`sdpa` attention unchanged.
 
 `use_packed_attention(model)` switches a model that uses `sdpa` to it; flash-attention kernels do the
 same on a GPU, so lorakit only does this on the CPU.
@@ -17,9 +17,12 @@ same on a GPU, so lorakit only does this on the CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
+
+from lorakit import internals
 
 NAME = "lorakit_packed_sdpa"
 
@@ -52,9 +55,7 @@ def packed_sdpa(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query [1, heads, L, d], key/value [1, kv_heads, L, d];
-    returns [1, L, heads, d] like `sdpa_attention_forward`."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    returns [1, L, heads, d] like transformers' `sdpa`."""
     spans = None
     plain = (
         query.shape[0] == 1
@@ -69,7 +70,7 @@ def packed_sdpa(
     if plain:
         spans = document_spans(kwargs.get("position_ids"), query.shape[2])
     if spans is None:
-        return sdpa_attention_forward(
+        return sdpa()(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     gqa = query.shape[1] != key.shape[1]
@@ -127,22 +128,30 @@ def pad_packed_row(inputs: dict, multiple: int, pad_id: int) -> dict:
 
 def uses_packed_attention(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME
+    config = getattr(base, "config", None)
+    return config is not None and internals.attn_implementation(config) == NAME
+
+
+@functools.cache
+def sdpa():
+    """transformers' own `sdpa` attention, which `packed_sdpa` hands every case it does not handle."""
+    from transformers import AttentionInterface
+
+    return AttentionInterface()["sdpa"]
 
 
 def register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(NAME, packed_sdpa)
-    # The mask is still made as for sdpa: the cases handed back to sdpa_attention_forward need it.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    # The mask is still made as for sdpa: the cases handed back to transformers' sdpa need it.
+    AttentionMaskInterface.register(NAME, AttentionMaskInterface()["sdpa"])
 
 
 def use_packed_attention(model) -> bool:
     """Switch a model (or a peft model around it) from `sdpa` to `packed_sdpa`; True if it did."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if config is None or internals.attn_implementation(config) != "sdpa":
         return False
     register()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -150,4 +159,4 @@ def use_packed_attention(model) -> bool:
         base.set_attn_implementation(NAME)
     except (ValueError, AttributeError):
         return False
-    return base.config._attn_implementation == NAME
+    return internals.attn_implementation(base.config) == NAME

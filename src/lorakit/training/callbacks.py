@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lorakit.training.checkpoints import mark_complete, prune, write_run
+from lorakit.training.checkpoints import complete, drop_unfinished, prune, write_run
 
 
 class NullDisplay:
@@ -58,18 +58,30 @@ class RunLog(TrainerCallback):
 
 
 class Checkpoints(TrainerCallback):
-    """Marks each checkpoint complete once it is on disk, then prunes old ones."""
+    """Marks each checkpoint complete once every process has written it, then prunes old ones.
+
+    transformers writes `checkpoint-<step>/` (each process its own part: RNG state, and its shards under
+    FSDP/DeepSpeed) and then calls `on_save` in every process. The processes wait for each other, the main
+    process alone flushes the checkpoint and marks it, and all wait again so that none reports a checkpoint
+    before it is marked."""
 
     def __init__(self, run_dir: Path, keep: int):
         self.run_dir = run_dir
         self.keep = keep
 
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            drop_unfinished(self.run_dir)
+        wait_for_everyone()
+
     def on_save(self, args, state, control, **kw):
+        wait_for_everyone()
         if state.is_world_process_zero:
             ckpt = self.run_dir / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                mark_complete(ckpt)
+                complete(ckpt, self.run_dir)
             prune(self.run_dir, self.keep)
+        wait_for_everyone()
 
 
 class EvalBefore(TrainerCallback):
@@ -104,6 +116,14 @@ def any_process(flag: bool, device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def wait_for_everyone() -> None:
+    """Wait until every process of a distributed run gets here (nothing to wait for otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 class GracefulStop(TrainerCallback):

@@ -2,9 +2,10 @@
 
 A checkpoint is `runs/<name>/checkpoint-<step>/` as transformers writes it (adapter weights,
 optimizer, scheduler, RNG states of every library, trainer state with the data position) plus
-the run's recipe (`run.json`). It is written in `runs/<name>/.staging/`, flushed to disk, marked
-`.complete` and only then renamed into place. Resume only ever considers checkpoints with the
-marker, so a checkpoint cut short by a crash is never used."""
+the run's recipe (`run.json`). Once every process has written its part, the main process flushes
+it to disk and only then marks it `.complete` (`callbacks.Checkpoints`). Resume only ever considers
+checkpoints with the marker, so a checkpoint cut short by a crash is never used, and a new run
+removes such leftovers before it writes its own."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from lorakit.recipe import Recipe
 
 MARKER = ".complete"
 RUN_FILE = "run.json"
-STAGING = ".staging"
 
 
 class Interrupted(LorakitError):
@@ -54,18 +54,19 @@ def mark_complete(ckpt: Path) -> None:
     fsync_tree(ckpt)
 
 
-def publish(staged: Path, run_dir: Path) -> Path:
-    """Move a fully written checkpoint from the staging folder into the run: copy the run's recipe
-    into it, flush it, mark it complete, and rename it into place (one atomic step)."""
+def complete(ckpt: Path, run_dir: Path) -> None:
+    """Finish a checkpoint every process has written: copy the run's recipe into it, flush it, mark it."""
     if (run_dir / RUN_FILE).is_file():
-        shutil.copy2(run_dir / RUN_FILE, staged / RUN_FILE)
-    mark_complete(staged)
-    final = run_dir / staged.name
-    if final.exists():
-        shutil.rmtree(final)
-    staged.rename(final)
-    shutil.rmtree(staged.parent, ignore_errors=True)
-    return final
+        shutil.copy2(run_dir / RUN_FILE, ckpt / RUN_FILE)
+    mark_complete(ckpt)
+
+
+def drop_unfinished(run_dir: Path) -> None:
+    """Remove checkpoints without the marker (cut short by a crash): a new save of the same step must not find
+    another run's files in its folder."""
+    for p in checkpoints(run_dir, complete_only=False):
+        if not (p / MARKER).exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def prune(run_dir: Path, keep: int) -> None:

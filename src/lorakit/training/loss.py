@@ -6,6 +6,8 @@ import inspect
 
 import torch
 
+from lorakit import internals
+
 # Rows of logits per chunk: about 8M logits (32 MB in fp32) whatever the vocabulary.
 CHUNK_LOGITS = 1 << 23
 
@@ -48,7 +50,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h[:k] = hidden[start : start + k]
             torch.mm(h, w.t(), out=logits) if b is None else torch.addmm(b, h, w.t(), out=logits)
             full = logits[:k] if upcast is None else upcast[:k].copy_(logits[:k])
-            torch.ops.aten._log_softmax.out(full, 1, False, out=logp[:k])
+            torch.log_softmax(full, 1, out=logp[:k])  # into the chunk's buffer (contiguous rows): no copy
             picked = logp[:k].gather(1, t[:, None]).squeeze(1)
             total -= picked.sum()
             if want_grad:
@@ -112,21 +114,18 @@ def chunked_loss_parts(model):
     `logits_to_keep`; then one forward on a few tokens checks that the model's logits are head(body(x))
     (models that scale or soft-cap their logits are left on their own loss).
     """
-
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     body = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
     if type(head) is not torch.nn.Linear or any(p.requires_grad for p in head.parameters()):
         return None
-    if not isinstance(body, torch.nn.Module) or body is lm or getattr(lm, "loss_function", None) is not ForCausalLMLoss:
+    if not isinstance(body, torch.nn.Module) or body is lm or not internals.uses_causal_lm_loss(lm):
         return None
     if "logits_to_keep" not in inspect.signature(type(lm).forward).parameters:
         return None
     ids = torch.randint(0, head.weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0))
     was_training = model.training
-    model.train()  # an eval-mode forward would repack 4-bit weights on the CPU (models.keep_4bit_trainable_on_cpu)
+    model.train()  # an eval-mode forward would repack 4-bit weights on the CPU (internals.keep_4bit_trainable_on_cpu)
     try:
         with torch.no_grad(), LastHidden(body) as seen:
             logits = model(input_ids=ids.to(head.weight.device), use_cache=False).logits

@@ -12,8 +12,9 @@ from typing import Any
 
 from lorakit.data.prepare import Prepared, prepare
 from lorakit.errors import LorakitError
+from lorakit.internals import keep_4bit_trainable_on_cpu
 from lorakit.models.architecture import check_quantizable, choose_targets, skeleton
-from lorakit.models.load import keep_4bit_trainable_on_cpu, load_model
+from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, describe, resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.plan import Machine, Plan, plan_training, probe
@@ -189,7 +190,7 @@ def train(
         callbacks=[RunLog(run_dir / "metrics.jsonl", show or NullDisplay()),
                    Checkpoints(run_dir, recipe.train.keep_checkpoints), stop, before],
     )  # fmt: skip
-    from transformers.trainer_callback import PrinterCallback
+    from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
     trainable, total = trainer.model.get_nb_trainable_parameters()

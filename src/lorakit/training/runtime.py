@@ -1,23 +1,12 @@
-"""How a training process uses its hardware: dtypes through peft and bitsandbytes layers under autocast, and the
-CPU's kernel cache and allocator. Each measure is measured in bench/ (see bench/results/memory.md)."""
+"""How a training process uses its hardware: the adapter's dtype, and the CPU's kernel cache and allocator. Each
+measure is measured in bench/ (see bench/results/memory.md). The measures that set peft's and bitsandbytes' layers
+under autocast touch those libraries' internals and live in `lorakit.internals`."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-
-
-def keep_lora_inputs_as_they_come(model) -> int:
-    """Stop peft from casting each LoRA layer's input to the adapter's dtype (fp32) when training under autocast.
-
-    Autocast casts a matmul's inputs to the compute dtype anyway, so peft's cast is a copy of the activations
-    made only to be cast back: two copies per LoRA layer and step, and their gradients' on the way back.
-    Returns the number of layers changed."""
-    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    return len(layers)
 
 
 def adapter_in_float32(model) -> int:
@@ -32,34 +21,6 @@ def adapter_in_float32(model) -> int:
             p.data = p.data.float()
             cast += 1
     return cast
-
-
-def _input_in_compute_dtype(module, args):
-    x = args[0]
-    wanted = module.compute_dtype
-    if wanted is not None and x.dtype != wanted and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return (x.to(wanted), *args[1:])
-    return None
-
-
-def quantized_outputs_in_compute_dtype(model) -> int:
-    """Under autocast, hand bitsandbytes' 4-bit layers their input in the compute dtype, so they answer in it.
-
-    A `Linear4bit` casts its input to its compute dtype (bf16) for the matmul, and its output back to the
-    input's dtype. For k-bit training the norms before the projections are kept in float32, so every
-    projection answered in float32, and the LoRA sums, the MLP's activation and product and the rotary
-    embedding ran in float32 where autocast runs them in bf16 after a plain `Linear`. With the cast made first
-    (the cast the layer makes anyway) a 4-bit layer behaves as autocast makes a `Linear` behave, and a QLoRA
-    step does the same elementwise work in the same dtype as a LoRA step. Outside autocast nothing changes.
-    Returns the number of layers hooked."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return 0
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    for m in layers:
-        m.register_forward_pre_hook(_input_in_compute_dtype)
-    return len(layers)
 
 
 def bound_cpu_kernel_cache() -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
+from lorakit import internals
 from lorakit.plan import Plan
 from lorakit.recipe import Recipe
-from lorakit.training import attention, checkpoints, runtime
+from lorakit.training import attention, runtime
 from lorakit.training.loss import LastHidden, chunked_lm_loss, chunked_loss_parts
 
 
@@ -21,8 +21,9 @@ def sft_trainer_class():
     then the head and the cross-entropy over chunks of supervised tokens (`chunked_lm_loss`): the same loss and
     gradients as the model's own, without the [tokens, vocabulary] logits and their gradient in memory.
     """
-    from transformers import Trainer
     from trl import SFTTrainer
+
+    plain_loss = internals.trainer_compute_loss()
 
     class LorakitSFTTrainer(SFTTrainer):
         def __init__(self, *args, **kwargs):
@@ -32,8 +33,8 @@ def sft_trainer_class():
             if not sharded:  # FSDP/DeepSpeed flatten parameters by dtype: leave TRL's choice there
                 runtime.adapter_in_float32(self.model)
             if self.args.bf16 or self.args.fp16:
-                runtime.keep_lora_inputs_as_they_come(self.model)
-                runtime.quantized_outputs_in_compute_dtype(self.model)
+                internals.keep_lora_inputs_as_they_come(self.model)
+                internals.quantized_outputs_in_compute_dtype(self.model)
             self.row_multiple = attention.ROW_MULTIPLE if attention.uses_packed_attention(self.model) else 0
             tok = self.processing_class
             pad = getattr(tok, "pad_token_id", None)
@@ -45,16 +46,16 @@ def sft_trainer_class():
             inputs["use_cache"] = False
             plain = self.chunked_head is None or return_outputs or "labels" not in inputs or "shift_labels" in inputs
             if plain or self.label_smoother is not None or self.compute_loss_func is not None:
-                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+                return plain_loss(self, model, inputs, return_outputs, num_items_in_batch)
             body, head = self.chunked_head
             with LastHidden(body) as seen:
                 # The head runs on one position only: the loss is computed from the body's output below.
                 model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1)
             # Like Trainer.compute_loss: the model divides by num_items_in_batch only when it accepts loss kwargs.
-            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            items = internals.items_for_model_loss(self, num_items_in_batch)
             loss = chunked_lm_loss(seen.hidden, inputs["labels"], head, seen.dtype or head.weight.dtype, items)
             if self.args.average_tokens_across_devices and items is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+                loss = loss * internals.loss_scale_across_devices(self)
             return loss
 
         def training_step(self, *args, **kwargs):
@@ -62,27 +63,6 @@ def sft_trainer_class():
             if self.args.device.type == "cpu":
                 runtime.release_freed_memory()
             return loss
-
-        def _save_checkpoint(self, model, trial):
-            """Write the checkpoint in a staging folder, flush it, mark it complete, rename it into place.
-
-            With several processes each writes its own files (its RNG state; its shards under FSDP/DeepSpeed)
-            into the staging folder; the main process publishes the checkpoint once all of them are done.
-            """
-            run_dir = Path(self.args.output_dir)
-            staging = run_dir / checkpoints.STAGING
-            if self.is_world_process_zero():
-                shutil.rmtree(staging, ignore_errors=True)
-            self.accelerator.wait_for_everyone()
-            self.args.output_dir = str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.output_dir = str(run_dir)
-            self.accelerator.wait_for_everyone()
-            if self.is_world_process_zero():
-                checkpoints.publish(staging / f"checkpoint-{self.state.global_step}", run_dir)
-            self.accelerator.wait_for_everyone()
 
     return LorakitSFTTrainer
 
@@ -121,8 +101,8 @@ def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, has_eval: bool, 
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=plan.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         optim=t.optimizer,
