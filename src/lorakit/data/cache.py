@@ -109,7 +109,6 @@ def save_cached(prepared: Prepared, entry: Path, key: str) -> None:
 
 def load_cached(entry: Path, key: str) -> Prepared | None:
     """The prepared data stored under `entry`, or None if it is missing, stale or damaged."""
-
     if not (entry / "meta.json").exists():
         return None
     try:
