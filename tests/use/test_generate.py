@@ -191,6 +191,7 @@ def test_chat_loop_keeps_history_and_resets(two_adapters, monkeypatch):
 
 BNB_PROBE = """
 import sys
+from lorakit.store.loader import load
 full = load(sys.argv[1], "first")
 print("bnb after full-precision load:", "bitsandbytes" in sys.modules)
 quant = load(sys.argv[2], "q")
