@@ -238,9 +238,7 @@ def combined_meta(name, names, metas, report: CombineReport, base_name: str, see
             },
         ),
         recipe=RecipeRecord(
-            base_model=recorded.model_copy(update={"name": base_name})
-            if recorded
-            else BaseModelSection(name=base_name),
+            base_model=recorded.model_copy(update={"name": base_name}),
             lora=LoraRecord(r=report.r),
         ),
         base_model=first.base_model.model_copy(),
