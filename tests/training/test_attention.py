@@ -104,9 +104,9 @@ def trained(tiny_llama, root, name, **sections):
 def test_training_on_the_cpu_uses_it_and_learns_the_same(tiny_llama, tmp_path):
     """The same recipe with `attn_implementation: sdpa` (masked attention) gives the same losses, float32."""
     auto, said = trained(tiny_llama, tmp_path, "auto")
-    assert "attention computed per document" in said
+    assert "attention per-document sdpa" in said and auto.meta.plan.attn_implementation == "per-document sdpa"
     masked, said_masked = trained(tiny_llama, tmp_path, "masked", base_model={"attn_implementation": "sdpa"})
-    assert "attention computed per document" not in said_masked
+    assert "attention sdpa" in said_masked and masked.meta.plan.attn_implementation == "sdpa"
     assert auto.metrics["train_loss"] == pytest.approx(masked.metrics["train_loss"], rel=1e-4)
     assert auto.metrics["eval_loss_after"] == pytest.approx(masked.metrics["eval_loss_after"], rel=1e-4)
 

@@ -64,14 +64,13 @@ def load_base(recipe: Recipe, ref: ModelRef, plan: Plan) -> tuple[Any, Plan]:
     if not packing_is_isolated(model):
         note = "this model's attention mixes packed documents: packing turned off (one document per row)"
         return model, plan.revised(note, packing="one per row")
+    kept_apart = "checked: packed documents do not attend to each other"
     if plan.on_gpu or plan.attn_implementation is not None or not attention.use_packed_attention(model):
-        return model, plan.revised("documents packed padding-free, attention kept within each document")
+        return model, plan.revised(kept_apart)
     if packing_is_isolated(model):
-        return model, plan.revised(
-            "documents packed padding-free, attention computed per document", attn_implementation="per-document sdpa"
-        )
+        return model, plan.revised(kept_apart, attn_implementation="per-document sdpa")
     model.set_attn_implementation("sdpa")
-    return model, plan.revised("documents packed padding-free, attention kept within each document")
+    return model, plan.revised(kept_apart + " (per-document attention did not match: sdpa kept)")
 
 
 def packed_rows(data: Prepared, recipe: Recipe) -> int:
