@@ -3,6 +3,7 @@ load path placing the model where its Plan says."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -61,6 +62,7 @@ def test_training_plan_on_cuda(monkeypatch, tiny_llama, bf16):
     assert plan.device == "cuda:1"
     assert (plan.precision, plan.weights_dtype) == (("bf16", "bfloat16") if bf16 else ("fp16", "float16"))
     assert plan.gradient_checkpointing  # auto: on for GPUs
+    assert plan.attn_implementation is None  # transformers' default (sdpa, or flash attention if asked for)
     assert plan.lora_alpha == 2 * r.lora.r and plan.target_modules == ("q_proj",)
 
 
@@ -69,6 +71,7 @@ def test_training_plan_on_this_cpu(tiny_llama):
     plan = plan_training(r, Machine(), "all-linear")
     assert (plan.device, plan.precision, plan.weights_dtype) == ("cpu", "fp32", "float32")
     assert not plan.gradient_checkpointing and plan.packing == "padding-free"
+    assert plan.attn_implementation == "per-document sdpa"  # packed CPU training; checked again at load
     with pytest.raises(Exception, match="fp16 needs a GPU"):
         plan_training(validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"precision": "fp16"}), "t"), Machine(), "a")
 
@@ -152,5 +155,7 @@ def test_dry_run_prints_the_plan_without_reading_weights(tiny_llama, tmp_path):
     recipe = write_recipe(tmp_path, tiny_recipe(model, TIDES, train={"max_steps": None, "epochs": 1}))
     res = run_cli("train", str(recipe), "--dry-run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "plan: device cpu" in res.stdout and "per epoch" in res.stdout and "target modules:" in res.stdout
+    out = " ".join(res.stdout.split())  # rich wraps long lines in a pipe
+    assert "plan: device cpu" in out and re.search(r"\b(\d+) steps \(\1 per epoch\)", out) and "target modules:" in out
+    assert "attention per-document sdpa" in out
     assert not (tmp_path / "adapters").exists() and not (tmp_path / "runs").exists()

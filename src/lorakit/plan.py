@@ -20,6 +20,10 @@ from lorakit.recipe import BaseModelSection, Recipe
 Precision = Literal["bf16", "fp16", "fp32"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# The attention the Plan picks for packed training on the CPU: sdpa run on each packed document's span
+# (lorakit.training.attention; the same result as masked sdpa for a fraction of the work). Not a transformers
+# name: the model loads with sdpa and training switches it after checking the two agree.
+PER_DOCUMENT = "per-document sdpa"
 # Share of a GPU's memory the weights of an inference model may take before lorakit spreads the model over
 # every GPU (and the CPU) with device_map="auto": the rest is the CUDA context, activations and the KV cache.
 FIT_SHARE = 0.8
@@ -197,7 +201,7 @@ def plan_training(
         verb="train",
         world_size=machine.world_size,
         weights_dtype=weights,
-        **_base_choices(base, machine, precision),
+        **{**_base_choices(base, machine, precision), "attn_implementation": _training_attention(recipe, cuda)},
         gradient_checkpointing=gc,
         packing="padding-free" if recipe.data.packing else "one per row",
         target_modules=tuple(targets) if isinstance(targets, list) else (targets,),
@@ -209,6 +213,13 @@ def plan_training(
         eval_split=eval_split,
         notes=(note,) if note else (),
     )
+
+
+def _training_attention(recipe: Recipe, cuda: bool) -> str | None:
+    wanted = recipe.base_model.attn_implementation
+    if wanted != "auto":
+        return wanted
+    return PER_DOCUMENT if recipe.data.packing and not cuda else None
 
 
 def training_steps(recipe: Recipe, rows: int, world_size: int = 1) -> tuple[int, int]:

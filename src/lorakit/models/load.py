@@ -9,7 +9,7 @@ import torch
 
 from lorakit.errors import LorakitError, short
 from lorakit.models.reference import ModelRef
-from lorakit.plan import Plan
+from lorakit.plan import PER_DOCUMENT, Plan
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -53,7 +53,7 @@ def load_model(ref: ModelRef, plan: Plan, trust_remote_code: bool = False, shard
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch_dtype(plan.weights_dtype), "trust_remote_code": trust_remote_code, **ref.load_args}
-    if plan.attn_implementation is not None:
+    if plan.attn_implementation not in (None, PER_DOCUMENT):  # per-document attention is switched on after load
         kwargs["attn_implementation"] = plan.attn_implementation
     if plan.quantization != "none":
         kwargs["quantization_config"] = quantization_config(plan)

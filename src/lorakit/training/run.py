@@ -17,7 +17,7 @@ from lorakit.models.architecture import check_quantizable, choose_targets, skele
 from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, describe, resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
-from lorakit.plan import Machine, Plan, plan_training, probe
+from lorakit.plan import PER_DOCUMENT, Machine, Plan, plan_training, probe
 from lorakit.recipe import Recipe
 from lorakit.store import adapters
 from lorakit.store.metadata import AdapterMeta, build_meta
@@ -61,16 +61,22 @@ def load_base(recipe: Recipe, ref: ModelRef, plan: Plan) -> tuple[Any, Plan]:
         keep_4bit_trainable_on_cpu(model)
     if plan.packing != "padding-free":
         return model, plan
+    per_document = plan.attn_implementation == PER_DOCUMENT
     if not packing_is_isolated(model):
         note = "this model's attention mixes packed documents: packing turned off (one document per row)"
-        return model, plan.revised(note, packing="one per row")
+        return model, plan.revised(
+            note, packing="one per row", attn_implementation=None if per_document else plan.attn_implementation
+        )
     kept_apart = "checked: packed documents do not attend to each other"
-    if plan.on_gpu or plan.attn_implementation is not None or not attention.use_packed_attention(model):
+    if not per_document:
         return model, plan.revised(kept_apart)
-    if packing_is_isolated(model):
-        return model, plan.revised(kept_apart, attn_implementation="per-document sdpa")
-    model.set_attn_implementation("sdpa")
-    return model, plan.revised(kept_apart + " (per-document attention did not match: sdpa kept)")
+    if attention.use_packed_attention(model):
+        if packing_is_isolated(model):
+            return model, plan.revised(kept_apart + ", with attention per document too")
+        model.set_attn_implementation("sdpa")
+    return model, plan.revised(
+        kept_apart + " (per-document attention does not fit this model: sdpa)", attn_implementation=None
+    )
 
 
 def packed_rows(data: Prepared, recipe: Recipe) -> int:
