@@ -38,7 +38,7 @@ def _recipe(recipe: str | Path | Recipe, overrides: list[str] | None) -> Recipe:
 
 def dry_run(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> Plan:
     """The resolved Plan of a recipe on this machine (`lorakit train --dry-run`): reads data and config, no weights."""
-    from lorakit.training.run import dry_run as resolve
+    from lorakit.training.preflight import dry_run as resolve
 
     return resolve(_recipe(recipe, overrides), say=lambda _: None)
 

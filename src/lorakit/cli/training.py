@@ -79,11 +79,12 @@ def train(
 
     r = load_recipe(recipe, set_ or [])
     quiet_libraries()
-    from lorakit.training import run as train_mod
-
     if dry_run:
-        train_mod.dry_run(r, say=say)
+        from lorakit.training.preflight import dry_run as show_plan
+
+        show_plan(r, say=say)
         return
+    from lorakit.training import run as train_mod
     from lorakit.training.checkpoints import Interrupted
 
     display = TrainDisplay()
