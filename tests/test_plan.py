@@ -3,6 +3,7 @@ load path placing the model where its Plan says."""
 
 from __future__ import annotations
 
+import json
 import re
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import torch
 
 from conftest import TIDES, quiet, run_cli, tiny_recipe, trained, write_recipe
 from lorakit.plan import Machine, plan_inference, plan_training, probe
-from lorakit.recipe import BaseModelSection, validate_recipe
+from lorakit.recipe import BaseModelSection, RecipeError, validate_recipe
 
 GB = 2**30
 
@@ -63,7 +64,7 @@ def test_training_plan_on_cuda(monkeypatch, tiny_llama, bf16):
     assert (plan.precision, plan.weights_dtype) == (("bf16", "bfloat16") if bf16 else ("fp16", "float16"))
     assert plan.gradient_checkpointing  # auto: on for GPUs
     assert plan.attn_implementation is None  # transformers' default (sdpa, or flash attention if asked for)
-    assert plan.lora_alpha == 2 * r.lora.r and plan.target_modules == ("q_proj",)
+    assert plan.lora_alpha == 32 and plan.target_modules == ("q_proj",)  # alpha 32 whatever r is
 
 
 def test_training_plan_on_this_cpu(tiny_llama):
@@ -74,6 +75,44 @@ def test_training_plan_on_this_cpu(tiny_llama):
     assert plan.attn_implementation == "per-document sdpa"  # packed CPU training; checked again at load
     with pytest.raises(Exception, match="fp16 needs a GPU"):
         plan_training(validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"precision": "fp16"}), "t"), Machine(), "a")
+
+
+@pytest.mark.parametrize(
+    ("hidden", "lr"),
+    [(576, 2.7e-3), (768, 2.1e-3), (2048, 1e-3), (3072, 7.3e-4), (4096, 5.8e-4), (8192, 3.4e-4), (64, 3e-3)],
+)
+def test_auto_learning_rate_from_the_width(tiny_llama, hidden, lr):
+    r = validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"learning_rate": "auto"}), "t")
+    plan = plan_training(r, Machine(), "all-linear", hidden_size=hidden)
+    assert plan.learning_rate == pytest.approx(lr, rel=1e-9)
+    assert plan.learning_rate_from.startswith("auto") and f"hidden size {hidden}" in plan.learning_rate_from
+    assert ("held to" in plan.learning_rate_from) == (hidden == 64)  # a tiny model's 0.015 is held to 3e-3
+    assert f"learning rate {lr:.2g} (auto" in "\n".join(plan.summary())
+
+
+def test_auto_learning_rate_is_the_default_and_a_written_one_is_kept(tiny_llama):
+    body = tiny_recipe(tiny_llama, TIDES)
+    del body["train"]["learning_rate"]
+    assert validate_recipe(body, "t").train.learning_rate == "auto"
+    no_width = plan_training(validate_recipe(body, "t"), Machine(), "all-linear")
+    assert no_width.learning_rate == 2e-4 and "no hidden size" in no_width.learning_rate_from
+    for written in (3.3e-4, "1e-3", "7.5e-05"):  # YAML reads 1e-3 (no dot) as a string
+        r = validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"learning_rate": written}), "t")
+        plan = plan_training(r, Machine(), "all-linear", hidden_size=576)
+        assert (plan.learning_rate, plan.learning_rate_from) == (float(written), "recipe")
+    for bad in ("fast", 0, 1.5, -1e-4):
+        with pytest.raises(RecipeError, match=r"train\.learning_rate: .*(auto|greater|less|number)"):
+            validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"learning_rate": bad}), "t")
+
+
+def test_hidden_size_of_configs():
+    from transformers import GPT2Config, LlamaConfig
+
+    from lorakit.training.preflight import hidden_size
+
+    assert hidden_size(GPT2Config(n_embd=768)) == 768  # GPT-2 calls it n_embd
+    assert hidden_size(LlamaConfig(hidden_size=576)) == 576
+    assert hidden_size(SimpleNamespace()) is None
 
 
 def test_inference_plan_one_gpu_or_spread(monkeypatch):
@@ -139,11 +178,26 @@ def test_plan_predicts_the_trainers_steps_and_is_saved(tiny_llama, tmp_path):
     from lorakit.training.run import train
 
     body = tiny_recipe(tiny_llama, TIDES, train={"max_steps": None, "epochs": 2, "gradient_accumulation": 2})
+    body["train"]["learning_rate"] = "auto"
     body["output"] = {"name": "steps", "store": str(tmp_path / "a"), "runs_dir": str(tmp_path / "r")}
     result = train(validate_recipe(body, "t"), say=quiet)
     plan = result.meta.plan
     assert plan.steps == result.metrics["steps"] == 2 * plan.steps_per_epoch
     assert plan.device == "cpu" and plan.verb == "train"
+    # the automatic learning rate is the trainer's peak (warmup, then cosine) and is saved with where it came from
+    rows = [json.loads(line) for line in (tmp_path / "r" / "steps" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [row["learning_rate"] for row in rows if "learning_rate" in row]
+    assert plan.learning_rate == 3e-3 and 0.5 * plan.learning_rate < max(lrs) <= plan.learning_rate
+    saved = json.loads((tmp_path / "a" / "steps" / "lorakit.json").read_text())["plan"]
+    assert saved["learning_rate"] == 3e-3 and saved["learning_rate_from"].startswith(
+        "auto: 0.001 x (2048 / hidden size 64)"
+    )
+    assert (
+        json.loads((tmp_path / "a" / "steps" / "lorakit.json").read_text())["recipe"]["train"]["learning_rate"]
+        == "auto"
+    )
+    assert result.meta.learning_rate_text().startswith("0.003 (auto: ")
+    assert "| learning rate | 0.003 (auto: " in (tmp_path / "a" / "steps" / "README.md").read_text()
 
 
 def test_dry_run_prints_the_plan_without_reading_weights(tiny_llama, tmp_path):

@@ -96,6 +96,7 @@ class Plan(Frozen):
     lora_alpha: float | None = None
     lora_init: str = "peft default (A Kaiming-uniform, B zero)"
     learning_rate: float | None = None
+    learning_rate_from: str = ""  # "recipe", or how `auto` was resolved
     steps: int | None = None
     steps_per_epoch: int | None = None
     eval_split: str = "none"
@@ -124,8 +125,9 @@ class Plan(Frozen):
             attn = self.attn_implementation or "sdpa"
             lines.append(f"  gradient checkpointing {gc}; packing {self.packing}; attention {attn}; {steps}")
             alpha = f"{self.lora_alpha:g}" if self.lora_alpha is not None else "-"
+            lr = f"{self.learning_rate:.2g}" + (f" ({self.learning_rate_from})" if self.learning_rate_from else "")
             lines.append(f"  eval: {self.eval_split}")
-            lines.append(f"  lora alpha {alpha}, learning rate {self.learning_rate:g}")
+            lines.append(f"  lora alpha {alpha}, learning rate {lr}")
             lines.append(f"  target modules: {', '.join(self.target_modules)}")
         lines += [f"  {n}" for n in self.notes]
         return lines
@@ -183,8 +185,10 @@ def plan_training(
     fan_in_fan_out: bool = False,
     packed_rows: int | None = None,
     eval_split: str = "none",
+    hidden_size: int | None = None,
 ) -> Plan:
-    """Every automatic choice of a training run. `packed_rows`: training rows once packed (for the step count)."""
+    """Every automatic choice of a training run. `packed_rows`: training rows once packed (for the step count);
+    `hidden_size`: the model's width (for the automatic learning rate)."""
     t, base = recipe.train, recipe.base_model
     cuda = bool(machine.gpus)
     if cuda and machine.local_rank >= len(machine.gpus):
@@ -194,6 +198,10 @@ def plan_training(
     # A quantized base is chosen for memory: there checkpointing is worth its recomputation on the CPU too
     # (measured, QLoRA on SmolLM2-135M: 40-46% less peak memory for 11-25% fewer tokens/s).
     gc = {"on": True, "off": False, "auto": cuda or base.quantization != "none"}[t.gradient_checkpointing]
+    if t.learning_rate == "auto":
+        lr, lr_from = auto_learning_rate(hidden_size)
+    else:
+        lr, lr_from = t.learning_rate, "recipe"
     steps = per_epoch = None
     if packed_rows is not None:
         per_epoch, steps = training_steps(recipe, packed_rows, machine.world_size)
@@ -206,13 +214,48 @@ def plan_training(
         packing="padding-free" if recipe.data.packing else "one per row",
         target_modules=tuple(targets) if isinstance(targets, list) else (targets,),
         fan_in_fan_out=fan_in_fan_out,
-        lora_alpha=recipe.lora.alpha if recipe.lora.alpha is not None else 2 * recipe.lora.r,
-        learning_rate=t.learning_rate,
+        lora_alpha=recipe.lora.alpha if recipe.lora.alpha is not None else LORA_ALPHA,
+        learning_rate=lr,
+        learning_rate_from=lr_from,
         steps=steps,
         steps_per_epoch=per_epoch,
         eval_split=eval_split,
         notes=(note,) if note else (),
     )
+
+
+# The default LoRA alpha, whatever the rank: the update is scaled by alpha / r, which keeps the best learning rate
+# where it is when r changes (LoRA Without Regret, Thinking Machines Lab, 2025: with alpha fixed at 32 the optimal
+# learning rate was about the same from rank 1 to 512). alpha = 2r, lorakit's earlier default, gave r=16 the same
+# scale and every other rank a different optimum.
+LORA_ALPHA = 32.0
+
+# The automatic learning rate: LR_AT_2048 x (2048 / hidden_size) ** LR_WIDTH_EXPONENT, within LR_RANGE.
+# - LoRA wants about 10x full fine-tuning's learning rate, and the best rate falls as models widen (LoRA Without
+#   Regret, 2025). The width exponent is the one tinker-cookbook's `hyperparam_utils.get_lr` used for Llama-family
+#   models (5e-5 x 10 x (2000 / hidden_size) ** 0.781).
+# - The anchor is that project's later sweep (tulu3 SFT, LoRA rank 32 alpha 32, batch 128): 1e-3 was best for
+#   Llama-3.2-1B/3B (hidden 2048/3072) and Qwen3-4B/8B (2560/4096), 3e-4 for Llama-3.1-8B/70B (4096/8192). The rule
+#   gives 1.0e-3, 7.3e-4, 8.4e-4, 5.8e-4 and 3.4e-4 there: within a factor of two of every best swept value.
+# - On lorakit's embedded SmolLM2-135M (hidden 576) it gives 2.7e-3; bench/quality.py measures where that lands in a
+#   sweep on three corpora (bench/results/quality.md).
+# - The range keeps tiny and very wide models away from the extrapolated ends of the rule.
+LR_AT_2048 = 1e-3
+LR_WIDTH_EXPONENT = 0.78
+LR_RANGE = (1e-4, 3e-3)
+LR_UNKNOWN_WIDTH = 2e-4
+
+
+def auto_learning_rate(hidden_size: int | None) -> tuple[float, str]:
+    """The learning rate `auto` resolves to for a model `hidden_size` wide, and a note of how."""
+    if not hidden_size:
+        return LR_UNKNOWN_WIDTH, "auto: the model's config gives no hidden size"
+    raw = LR_AT_2048 * (2048 / hidden_size) ** LR_WIDTH_EXPONENT
+    lr = float(f"{min(max(raw, LR_RANGE[0]), LR_RANGE[1]):.2g}")
+    how = f"auto: {LR_AT_2048:g} x (2048 / hidden size {hidden_size}) ^ {LR_WIDTH_EXPONENT:g}"
+    if not LR_RANGE[0] <= raw <= LR_RANGE[1]:
+        how += f" = {raw:.2g}, held to [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}]"
+    return lr, how
 
 
 def _training_attention(recipe: Recipe, cuda: bool) -> str | None:

@@ -59,7 +59,7 @@ def test_minimal_recipe_gets_every_default(tmp_path, monkeypatch):
     assert (r.data.eval_split, r.data.block_size, r.data.packing) == (0.1, 512, True)
     src = r.data.sources[0]
     assert (src.format, src.field, src.split, src.weight) == ("text", None, "file", 1.0)
-    assert (r.train.epochs, r.train.max_steps, r.train.learning_rate) == (1.0, None, 2e-4)
+    assert (r.train.epochs, r.train.max_steps, r.train.learning_rate) == (1.0, None, "auto")
     assert (r.train.batch_size, r.train.seed, r.train.precision) == (4, 42, "auto")
     assert (r.output.name, r.output.store, r.output.runs_dir) == ("my-run", "adapters", "runs")
     assert r.adapter_name == "my-run"
@@ -133,8 +133,8 @@ def test_single_problem_is_singular():
         ("lora", "r", -1, "greater than 0, got -1"),
         ("lora", "r", 2.5, "fractional part"),
         ("lora", "alpha", 0, "greater than 0"),
-        ("train", "learning_rate", 0, "greater than 0, got 0"),
-        ("train", "learning_rate", -1e-3, "greater than 0, got -0.001"),
+        ("train", "learning_rate", 0, "number in (0, 1), got 0"),
+        ("train", "learning_rate", -1e-3, "number in (0, 1), got -0.001"),
         ("lora", "dropout", 1.0, "less than 1, got 1.0"),
         ("lora", "dropout", -0.1, "greater than or equal to 0, got -0.1"),
         ("lora", "target_modules", [], "at least one module"),

@@ -71,6 +71,7 @@ def test_a_trained_format_0_adapter_reads_every_field(old_store):
     assert meta.data.sources[0].share == 1.0 and meta.data.sources[0].format == "text"
     assert meta.data.train_tokens == 10889 and meta.data.content_hash.startswith("sha256:eb7f994a")
     assert meta.plan.device == "cpu" and meta.plan.precision == "fp32" and meta.plan.packing is True
+    assert meta.plan.learning_rate is None and meta.learning_rate_text() == "0.005"  # the recipe's, as written then
     assert meta.metrics.steps == 6 and meta.metrics.eval_loss_after == pytest.approx(6.215047359466553)
     assert meta.seed == 42 and meta.recipe_hash.startswith("sha256:19b84155")
     assert meta.versions.lorakit == "0.1.0" and meta.versions.peft == "0.21.2"

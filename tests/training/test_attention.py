@@ -95,6 +95,9 @@ def test_a_model_not_on_sdpa_is_left_alone(tiny_llama):
 
 def trained(tiny_llama, root, name, **sections):
     body = tiny_recipe(tiny_llama, TIDES, **sections)
+    # alpha 2r (scale 2): these compare two ways of computing one run, which the default scale (32 / r = 8) at the
+    # tiny model's high learning rates makes chaotic enough that float rounding alone moves the loss by 1e-3
+    body["lora"] = {**body["lora"], "alpha": 2 * body["lora"]["r"]}
     body["output"] = {"name": name, "store": str(root / "adapters"), "runs_dir": str(root / "runs")}
     lines = []
     result = train(validate_recipe(body, name), say=lines.append)

@@ -136,6 +136,7 @@ def _adapter_facts(meta: AdapterMeta) -> Table:
         ("base quantization", base.quantization or "none"),
         ("rank / alpha / dropout", f"{lora.r} / {meta.lora_alpha} / {lora.dropout}"),
         ("target modules", ", ".join(meta.target_modules)),
+        ("learning rate", meta.learning_rate_text()),
         ("trainable parameters", num(meta.trainable_params)),
         ("steps / tokens", f"{metrics.steps} / {num(metrics.train_tokens_seen)}"),
         (

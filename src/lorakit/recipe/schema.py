@@ -59,7 +59,12 @@ class BaseModelSection(Section):
 
 class LoraSection(Section):
     r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha (scaling numerator). Default: 2 x r.")
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA alpha: the update is scaled by alpha / r. Default: 32 whatever `r` is, so changing the rank "
+        "does not move the best learning rate.",
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto",
@@ -153,7 +158,12 @@ class DataSection(Section):
 class TrainSection(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    learning_rate: float | Literal["auto"] = Field(
+        "auto",
+        description="Peak learning rate. `auto`: from the model's width, 1e-3 x (2048 / hidden_size) ** 0.78 "
+        "within [1e-4, 3e-3] (2.7e-3 for SmolLM2-135M, 5.8e-4 for an 8B Llama); the value used is in the run log "
+        "and the adapter's metadata.",
+    )
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
@@ -183,6 +193,24 @@ class TrainSection(Section):
         None, gt=0, description="Write a resumable checkpoint under runs/<name>/ every N steps."
     )
     keep_checkpoints: int = Field(2, gt=0, description="How many checkpoints to keep.")
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _number_string(cls, v: Any) -> Any:
+        # YAML reads `1e-3` (no dot) as a string.
+        if isinstance(v, str) and v != "auto":
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError(f"must be 'auto' or a number like 2e-4, got {v!r}") from None
+        return v
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr_range(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError(f"must be 'auto' or a number in (0, 1), got {v:g}")
+        return v
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

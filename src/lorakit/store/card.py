@@ -25,6 +25,7 @@ def model_card(name: str, meta: AdapterMeta) -> str:
         f"| base model | `{base.reference}` ({base.architecture}) |",
         f"| base weights | `{base.fingerprint}` |",
         f"| rank / alpha | {lora.r} / {meta.lora_alpha} |",
+        f"| learning rate | {meta.learning_rate_text()} |",
         f"| target modules | {', '.join(meta.target_modules)} |",
         f"| trainable parameters | {_fmt('?' if meta.trainable_params is None else meta.trainable_params)} |",
         f"| steps / tokens | {metrics.steps} / {metrics.train_tokens_seen} |",

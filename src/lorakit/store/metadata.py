@@ -76,6 +76,8 @@ class PlanRecord(Record):
     precision: str | None = None
     packing: bool | str | None = None  # a bool before the Plan: padding-free packing on or off
     gradient_checkpointing: bool | None = None
+    learning_rate: float | None = None
+    learning_rate_from: str | None = None  # "recipe", or how `auto` resolved it; None before it was recorded
 
 
 class Metrics(Record):
@@ -157,6 +159,16 @@ class AdapterMeta(Record):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
+
+    def learning_rate_text(self) -> str:
+        """The peak learning rate the run used and where it came from (the recipe's, for adapters written before
+        the Plan recorded it)."""
+        lr = self.plan.learning_rate
+        if lr is None:
+            lr = ((self.recipe.model_extra or {}).get("train") or {}).get("learning_rate")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+            return "not recorded"
+        return f"{lr:.2g}" + (f" ({self.plan.learning_rate_from})" if self.plan.learning_rate_from else "")
 
 
 class UnreadableMeta(LorakitError):

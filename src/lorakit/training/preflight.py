@@ -50,17 +50,29 @@ def eval_description(recipe: Recipe, data: Prepared) -> str:
     return f"{len(data.eval_set)} examples, {data.eval_set.n_tokens():,} tokens ({where})"
 
 
-def resolve_plan(recipe: Recipe, targets, fan_in_fan_out: bool, data: Prepared, machine: Machine | None = None) -> Plan:
-    """The run's Plan, from the recipe, this machine and the prepared data (for the step count)."""
+def resolve_plan(
+    recipe: Recipe, config, targets, fan_in_fan_out: bool, data: Prepared, machine: Machine | None = None
+) -> Plan:
+    """The run's Plan, from the recipe, the model's config (its width), this machine and the prepared data (for the
+    step count)."""
     machine = machine or probe()
     rows = packed_rows(data, recipe)
-    return plan_training(recipe, machine, targets, fan_in_fan_out, rows, eval_description(recipe, data))
+    return plan_training(
+        recipe, machine, targets, fan_in_fan_out, rows, eval_description(recipe, data), hidden_size(config)
+    )
+
+
+def hidden_size(config) -> int | None:
+    """The model's width: its text model's hidden size (GPT-2's n_embd is mapped to it by its config class)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "hidden_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def dry_run(recipe: Recipe, say=print) -> Plan:
     """`lorakit train --dry-run`: the resolved Plan, printed; reads the data and the model's config, no weights."""
     ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite=True)
-    plan = resolve_plan(recipe, targets, fan_in_fan_out, data)
+    plan = resolve_plan(recipe, config, targets, fan_in_fan_out, data)
     say(f"base model: {recipe.base_model.name} ({describe(ref)}, {config.model_type})")
     say(data_summary(data))
     for line in plan.summary():

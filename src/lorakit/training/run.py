@@ -116,7 +116,7 @@ def train(
     ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite or resume)
     key = checkpoints.resume_key(recipe, weights_fingerprint(ref), data.content)
     run_dir, resume_from, run_info = prepare_run_dir(recipe, key, overwrite, resume, force)
-    plan = resolve_plan(recipe, targets, fan_in_fan_out, data, machine)
+    plan = resolve_plan(recipe, config, targets, fan_in_fan_out, data, machine)
     say(f"base model: {recipe.base_model.name} ({describe(ref)}, {config.model_type})")
     say(data_summary(data))
     model, plan = load_base(recipe, ref, plan)
