@@ -386,7 +386,7 @@ def test_cli_show(llama_store, tiny_llama):
     res = cli("adapters", "show", "tiny", cwd=work, stdin=None)
     assert res.returncode == 0, res.stderr
     text = "".join(res.stdout.split())
-    for needle in ("LoRA", str(tiny_llama), "q_proj", "100.0%", "tides.txt", "learning_rate:", "peft"):
+    for needle in ("LoRA", str(tiny_llama), "q_proj", "100.0%", "tides.txt", "learning_rate:", "peft", "learning rate 0.02 (recipe)"):
         assert "".join(needle.split()) in text, needle
 
 

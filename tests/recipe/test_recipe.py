@@ -373,6 +373,15 @@ def test_shipped_recipe_validates(path):
         assert Path(src.path).exists(), src.path
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_rely_on_the_automatic_learning_rate(path):
+    """A shipped recipe that sets a learning rate says why, in a comment on that line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip().startswith("learning_rate:")]
+    assert all("#" in line for line in lines), lines
+    if not lines:
+        assert load_recipe(path).train.learning_rate == "auto"
+
+
 # --- schema and reference ---------------------------------------------------------------------
 
 
