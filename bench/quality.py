@@ -44,6 +44,12 @@ VARIANTS = {
     "r64": {"lora": {"r": 64}},
     "r64-alpha128": {"lora": {"r": 64, "alpha": 128}},
     "dropout0": {"lora": {"dropout": 0.0}},
+    "batch2": {"train": {"batch_size": 2}},
+    "batch8": {"train": {"batch_size": 8}},
+    "constant": {"train": {"scheduler": "constant_with_warmup"}},
+    "linear": {"train": {"scheduler": "linear"}},
+    "warmup0": {"train": {"warmup_ratio": 0.0}},
+    "warmup25": {"train": {"warmup_ratio": 0.25}},
 }
 FORMAT = 1  # bump when a run's meaning changes: cached results of another format are run again
 
