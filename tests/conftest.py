@@ -146,6 +146,16 @@ def tiny_recipe(model_dir: Path, data_path: Path, **sections) -> dict:
     return recipe
 
 
+def one_step_adapter(model_dir: Path, root: Path, name: str = "good") -> Path:
+    """A real adapter (tiny recipe, one step, no eval) in `root`/adapters, trained in this process; its folder."""
+    from lorakit.recipe import validate_recipe
+    from lorakit.training.run import train
+
+    body = tiny_recipe(model_dir, TIDES, data={"eval_split": 0}, train={"max_steps": 1})
+    body["output"] = {"name": name, "store": str(root / "adapters"), "runs_dir": str(root / "runs")}
+    return train(validate_recipe(body, "test"), say=lambda _: None).path
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `lorakit` command in a subprocess, as a user would."""
     cmd = [sys.executable, "-m", "lorakit.cli", *args]

@@ -71,3 +71,21 @@ def test_export_hf_overwrite_that_fails_keeps_the_previous_export(tiny_llama, tm
         export_model(str(tiny_llama), "hf", out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_written_folders_follow_the_umask_even_for_safetensors(tmp_path, mask):
+    """safetensors writes 0600 whatever the umask; a written folder's files get the modes the umask gives."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    previous = os.umask(mask)
+    try:
+        with staged_dir(tmp_path / "model") as tmp:
+            save_file({"w": np.zeros(2, dtype=np.float32)}, tmp / "model.safetensors")
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
+    assert modes == {"model.safetensors": 0o666 & ~mask, "config.json": 0o666 & ~mask}
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~mask

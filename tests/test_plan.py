@@ -13,6 +13,7 @@ import torch
 from conftest import TIDES, quiet, run_cli, tiny_recipe, trained, write_recipe
 from lorakit.plan import Machine, plan_inference, plan_training, probe
 from lorakit.recipe import BaseModelSection, RecipeError, validate_recipe
+from lorakit.recipe.load import read_text_yaml
 
 GB = 2**30
 
@@ -96,11 +97,12 @@ def test_auto_learning_rate_is_the_default_and_a_written_one_is_kept(tiny_llama)
     assert validate_recipe(body, "t").train.learning_rate == "auto"
     no_width = plan_training(validate_recipe(body, "t"), Machine(), "all-linear")
     assert no_width.learning_rate == 2e-4 and "no hidden size" in no_width.learning_rate_from
-    for written in (3.3e-4, "1e-3", "7.5e-05"):  # YAML reads 1e-3 (no dot) as a string
-        r = validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"learning_rate": written}), "t")
+    for written in ("3.3e-4", "1e-3", "7.5e-05"):  # as a recipe file writes them: YAML 1.2 numbers, dot or not
+        value = read_text_yaml(f"lr: {written}")["lr"]
+        r = validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"learning_rate": value}), "t")
         plan = plan_training(r, Machine(), "all-linear", hidden_size=576)
         assert (plan.learning_rate, plan.learning_rate_from) == (float(written), "recipe")
-    for bad in ("fast", 0, 1.5, -1e-4):
+    for bad in ("fast", "1e-3", 0, 1.5, -1e-4):  # a quoted "1e-3" is text, as the recipe's JSON Schema says
         with pytest.raises(RecipeError, match=r"train\.learning_rate: .*(auto|greater|less|number)"):
             validate_recipe(tiny_recipe(tiny_llama, TIDES, train={"learning_rate": bad}), "t")
 

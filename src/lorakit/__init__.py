@@ -54,11 +54,19 @@ def train(
     return run(_recipe(recipe, overrides), overwrite=overwrite, resume=resume, say=lambda _: None)
 
 
-def load(adapter: str | list[str] | None, base: str | None = None, store: str | Path = "adapters") -> tuple[Any, Any]:
-    """(model, tokenizer): the base with the adapter(s) attached (a peft `PeftModel`), or the base alone for None."""
+def load(
+    adapter: str | list[str] | None,
+    base: str | None = None,
+    store: str | Path = "adapters",
+    *,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """(model, tokenizer): the base with the adapter(s) attached (a peft `PeftModel`), or the base alone for None.
+
+    Code from the base model's repository runs only with `trust_remote_code=True`, whatever an adapter records."""
     from lorakit.store.loader import load as load_adapters
 
-    loaded = load_adapters(store, adapter, base)
+    loaded = load_adapters(store, adapter, base, trust_remote_code=trust_remote_code)
     return loaded.model, loaded.tokenizer
 
 
@@ -71,19 +79,29 @@ def generate(
     max_new_tokens: int = 128,
     temperature: float = 0.7,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> str:
     """A continuation of `prompt` by the adapter (None: the base model), wrapped as the adapter was trained."""
     from lorakit.store.loader import load as load_adapters
     from lorakit.use.generate import generate as run
 
-    loaded = load_adapters(store, adapter, base)
+    loaded = load_adapters(store, adapter, base, trust_remote_code=trust_remote_code)
     return run(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
 
 def merge(
-    adapter: str, out: str | Path, *, store: str | Path = "adapters", dtype: str = "float32", overwrite: bool = False
+    adapter: str,
+    out: str | Path,
+    *,
+    store: str | Path = "adapters",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeReport:
     """Merge the adapter into its base and write a plain transformers folder, verified against base + adapter."""
     from lorakit.deploy.merge import merge_adapter
 
-    return merge_adapter(store, adapter, Path(out), dtype=dtype, overwrite=overwrite, say=lambda _: None)
+    return merge_adapter(
+        store, adapter, Path(out), dtype=dtype, overwrite=overwrite, say=lambda _: None,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip

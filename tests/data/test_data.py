@@ -274,15 +274,22 @@ def test_chat_record_without_assistant(tmp_path):
             {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
         ],
     )
-    with pytest.raises(LorakitError, match=r"row 2 has no assistant message") as info:
+    with pytest.raises(LorakitError, match=r"line 2: messages: no assistant message") as info:
         read_records(DataSource(path=str(path), format="chat"))
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("messages", ["just text", [{"role": "user"}], [["user", "hi"]]])
-def test_chat_messages_must_be_role_content_objects(tmp_path, messages):
+@pytest.mark.parametrize(
+    ("messages", "pattern"),
+    [
+        ("just text", r"line 1: messages must be a non-empty list of \{role, content\} objects"),
+        ([{"role": "user"}], r"line 1: messages\[0\]\.content must be a string, got null"),
+        ([["user", "hi"]], r"line 1: messages\[0\] is a JSON list, expected a \{role, content\} object"),
+    ],
+)
+def test_chat_messages_must_be_role_content_objects(tmp_path, messages, pattern):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])
-    with pytest.raises(LorakitError, match=r"row 1: messages must be a list of \{role, content\}"):
+    with pytest.raises(LorakitError, match=pattern):
         read_records(DataSource(path=str(path), format="chat"))
 
 
@@ -526,8 +533,8 @@ def make_bad(tmp_path: Path, kind: str) -> tuple[Path, dict]:
         ),
         ("bad-json-line3", r"line 3 is not valid JSON"),
         ("list-row", r"line 3 is a list, expected a JSON object"),
-        ("missing-field", r"row 2 has no field 'text' \(fields: body, id\); set `field:`"),
-        ("missing-completion", r"row 1 has no field 'completion' \(fields: prompt, answer\)"),
+        ("missing-field", r"line 2 has no field 'text' \(fields: body, id\); set `field:`"),
+        ("missing-completion", r"line 1 has no field 'completion' \(fields: prompt, answer\)"),
         ("bad-json-file", r"invalid JSON at line 3, column 1"),
         ("json-not-a-list", r"expected a JSON list of objects"),
         ("bad-parquet", r"cannot read parquet"),

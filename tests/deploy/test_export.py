@@ -109,16 +109,35 @@ def test_existing_file_needs_overwrite_and_failure_leaves_nothing(tiny_llama, tm
 
 def test_modelfile(tiny_llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    path = write_modelfile(tmp_path / "m.gguf", tok.chat_template, stop_tokens(tok))
+    path, described = write_modelfile(tmp_path / "m.gguf", tok.chat_template, stop_tokens(tok))
+    assert described == "the chat template (ChatML)"
     text = path.read_text()
     assert path.name == "Modelfile" and text.startswith("FROM ./m.gguf\n")
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
     assert text.count('PARAMETER stop "<|im_end|>"') == 1  # EOS is <|im_end|> too: listed once
-    other = write_modelfile(tmp_path / "m.gguf", "{{ bos_token }}{% for m in messages %}[INST]{% endfor %}", ["</s>"])
+    inst = "{{ bos_token }}{% for m in messages %}[INST]{% endfor %}"
+    other, _ = write_modelfile(tmp_path / "m.gguf", inst, ["</s>"])
     text = other.read_text()
     assert "TEMPLATE" not in text.replace("write a TEMPLATE", "") and "not translated" in text
     assert 'PARAMETER stop "</s>"' in text
+
+
+@pytest.mark.parametrize("style", ["raw", "alpaca"])
+def test_modelfile_follows_how_the_adapter_was_trained(tiny_llama, tmp_path, style):
+    """An adapter trained on plain text (or alpaca prompts) is served by Ollama as `lorakit generate` prompts it:
+    no chat wrapping, no system prompt, whatever chat template the base model has."""
+    from lorakit.data.formats import alpaca_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert tok.chat_template  # the base has one; the adapter was not trained with it
+    path, described = write_modelfile(tmp_path / "m.gguf", tok.chat_template, stop_tokens(tok), style)
+    text = path.read_text()
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    prompt = "Day 3. Wind:"
+    want = prompt if style == "raw" else alpaca_prompt(prompt)
+    assert template.replace("{{ .Prompt }}", prompt) == want  # what Ollama sends is what generate sends
+    assert "SYSTEM" not in text and "<|im_start|>" not in text and style in described
 
 
 def test_modelfile_keeps_a_default_system_prompt():
@@ -152,7 +171,9 @@ def test_cli_export_adapter_and_model_dir(tiny_llama, tmp_path):
     reference = peft_logits(tiny_llama, store / "tiny")
     files = sorted(p.name for p in (tmp_path / "ollama").iterdir())
     assert files == ["Modelfile", "tiny.gguf"]  # the merged model's temporary folder is gone
-    assert "FROM ./tiny.gguf" in (tmp_path / "ollama" / "Modelfile").read_text()
+    modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert "FROM ./tiny.gguf" in modelfile and 'TEMPLATE """{{ .Prompt }}"""' in modelfile  # trained on raw text
+    assert "Ollama template: raw text" in res["ollama"].stdout
     from_gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ollama"), gguf_file="tiny.gguf")
     torch.testing.assert_close(logits(from_gguf), reference, atol=ATOL["f32"], rtol=0)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")), reference)

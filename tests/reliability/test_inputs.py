@@ -335,3 +335,66 @@ def test_non_finite_numbers_are_refused(key, value):
     with pytest.raises(RecipeError) as info:
         validate_recipe(raw, "r.yaml", default_name="r")
     assert key in dict(info.value.problems), info.value.problems
+
+
+def test_a_long_text_is_tokenized_in_pieces_with_the_ids_of_one_call(tiny_llama, monkeypatch):
+    """Texts longer than LONG_TEXT_CHARS go to the tokenizer in pieces cut before whitespace (bounded memory);
+    the ids are those of the whole text in one call: special tokens once at the start, one EOS at the end."""
+    from lorakit.data import formats
+
+    tok = load_tokenizer(resolve(str(tiny_llama)))
+    words = TIDES.read_text().split()
+    long_text = " ".join(words[i % len(words)] for i in range(3000))
+    texts = ["A short one.", long_text, "Another short one.", long_text[:500]]
+    whole_ids, whole_offsets = formats.encode(tok, texts, special=True, eos=tok.eos_token_id)
+    monkeypatch.setattr(formats, "LONG_TEXT_CHARS", 1000)
+    calls = []
+    original = formats._encode
+
+    def counted(tokenizer, batch, *args):
+        calls.append(max(map(len, batch), default=0))
+        return original(tokenizer, batch, *args)
+
+    monkeypatch.setattr(formats, "_encode", counted)
+    ids, offsets = formats.encode(tok, texts, special=True, eos=tok.eos_token_id)
+    assert max(calls) <= 1000 < len(long_text)  # no call saw the long text whole
+    np.testing.assert_array_equal(offsets, whole_offsets)
+    np.testing.assert_array_equal(ids, whole_ids)
+
+
+def test_text_pieces_cut_before_whitespace_and_lose_nothing():
+    from lorakit.data.formats import text_pieces
+
+    text = "word " * 1000 + "x" * 3000  # then no whitespace at all
+    pieces = text_pieces(text, size=256)
+    assert "".join(pieces) == text
+    assert all(len(p) <= 256 for p in pieces)
+    assert all(p.startswith(" ") for p in pieces[1:] if not p.startswith("x"))
+
+
+def test_sharegpt_conversations_and_text_parts_are_read_as_messages(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    parts = [{"type": "text", "text": "Two "}, {"type": "text", "text": "parts"}]
+    rows = [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Yes."}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_records(DataSource(path=str(path), format="chat"))
+    assert records[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert records[1]["messages"][0] == {"role": "user", "content": "Two parts"}
+
+
+def test_tool_calling_turns_keep_their_fields(tmp_path):
+    """An assistant turn that calls a tool has no text (content null) and a tool_calls list: accepted, and the
+    message's other keys reach the chat template as written."""
+    call = [{"type": "function", "function": {"name": "tide", "arguments": "{}"}}]
+    row = {"messages": [{"role": "user", "content": "When is high tide?"},
+                        {"role": "assistant", "content": None, "tool_calls": call},
+                        {"role": "tool", "content": "14:02", "tool_call_id": "1", "name": "tide"},
+                        {"role": "assistant", "content": "At 14:02."}]}  # fmt: skip
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    msgs = read_records(DataSource(path=str(path), format="chat"))[0]["messages"]
+    assert msgs[1] == {"role": "assistant", "content": None, "tool_calls": call}
+    assert msgs[2]["tool_call_id"] == "1" and msgs[2]["name"] == "tide"

@@ -120,10 +120,10 @@ def test_resume_with_a_changed_recipe_is_refused(tiny_llama, tmp_path, monkeypat
     with pytest.raises(Interrupted):
         train(recipe(tiny_llama, tmp_path, "run"))
     monkeypatch.undo()
-    changed = recipe(tiny_llama, tmp_path, "run", lora={"r": 8}, data={"block_size": 32})
+    changed = recipe(tiny_llama, tmp_path, "run", lora={"dropout": 0.1}, data={"block_size": 32})
     with pytest.raises(LorakitError) as exc:
         train(changed, resume=True)
-    assert "lora.r: 4 -> 8" in str(exc.value) and "block_size: 64 -> 32" in str(exc.value)
+    assert "lora.dropout: 0.0 -> 0.1" in str(exc.value) and "block_size: 64 -> 32" in str(exc.value)
     assert "--force" in str(exc.value)
     # A fresh start without --overwrite must not silently discard the unfinished run either.
     with pytest.raises(LorakitError, match="unfinished run.*--resume"):
@@ -273,3 +273,14 @@ def load_recipe_content_hash(work, overrides):
 
     recipe = load_recipe(work / "recipe.yaml", [o for o in overrides if o != "--set"])
     return content_hash(recipe.data)
+
+
+def test_forcing_a_resume_into_another_adapter_shape_is_refused(unfinished, tmp_path):
+    """--force continues a run whose data or settings changed, but not one whose adapter changed shape: its weights
+    could not be loaded (a size-mismatch traceback, once)."""
+    work = tmp_path / "copy"
+    shutil.copytree(unfinished, work, symlinks=True)
+    res = run_cli("train", "recipe.yaml", "--resume", "--force", "--set", "lora.r=8", cwd=work)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert "shape changed" in res.stderr and "lora.r: 4 -> 8" in res.stderr and "--overwrite" in res.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -130,7 +131,10 @@ def test_save_writes_peft_files_meta_and_card(saved, store, tiny_llama, model_a)
     written = json.loads((saved / "lorakit.json").read_text())
     assert written == json.loads(meta_for(tiny_llama, "a").to_json()) and written["format_version"] == 1
     card = (saved / "README.md").read_text()
-    assert card.startswith("# a\n") and f"`{tiny_llama}`" in card
+    head, body = card.removeprefix("---\n").split("---\n", 1)
+    assert yaml.safe_load(head)["library_name"] == "peft" and "base_model" not in yaml.safe_load(head)
+    assert body.lstrip().startswith("# a\n") and f"`{tiny_llama.name}`" in body
+    assert str(tiny_llama) not in card and str(tiny_llama.parent) not in card  # no path of this machine
     assert json.loads((saved / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
     torch.testing.assert_close(loaded_logits(tiny_llama, saved), logits(model_a))
 

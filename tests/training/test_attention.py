@@ -119,7 +119,7 @@ def test_bf16_training_holds_frozen_weights_in_bf16_and_saves_a_float32_adapter(
     """precision bf16 with base_model.dtype auto: the frozen base is held in bf16 (autocast would round each weight
     to bf16 at every use anyway; a 4-bit base keeps its embeddings and norms in bf16); the adapter is still
     trained and saved in float32, and the run learns as much as one with the base held in float32."""
-    bf16 = {"precision": "bf16", "max_steps": 10, "learning_rate": 3e-2}
+    bf16 = {"precision": "bf16", "max_steps": 16, "learning_rate": 3e-2}
     q = {"quantization": quantization}
     held, said = trained(tiny_llama, tmp_path, "held", train=bf16, base_model=q)
     assert "frozen base weights held in bf16" in said

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 import warnings
 from typing import Annotated
 
@@ -35,6 +36,13 @@ EXIT_INTERRUPTED = 130
 EXIT_STOPPED = 3  # stopped on Ctrl-C/SIGTERM with a checkpoint written: resumable
 
 StoreOpt = Annotated[str, typer.Option("--store", help="Adapter store folder.", envvar="LORAKIT_STORE")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run code shipped in the base model's repository. Only for models you trust; never read from a file.",
+    ),
+]
 
 
 def quiet_libraries() -> None:
@@ -102,6 +110,51 @@ def size_text(n: int) -> str:
     return str(n)
 
 
+def unexpected(e: Exception) -> int:
+    """An exception no verb turned into a message: what the user's machine refused (disk full, permissions,
+    memory) is said plainly (exit 2); anything else is lorakit's own fault, said so, with the traceback written
+    to a crash log instead of the terminal (exit 1). LORAKIT_DEBUG=1 shows the traceback as well."""
+    import errno
+    import traceback
+
+    from lorakit.errors import short
+
+    if os.environ.get("LORAKIT_DEBUG"):
+        traceback.print_exception(e)
+    if isinstance(e, BrokenPipeError):  # `lorakit ... | head`: the reader has all it wanted
+        return 0
+    if isinstance(e, LorakitError):
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_INPUT
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        where = f" ({e.filename})" if e.filename else ""
+        advice = "free some space and run it again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path"
+        err.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}; {advice}", highlight=False)
+        return EXIT_INPUT
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        err.print(
+            "[bold red]error:[/] out of memory; use a smaller train.batch_size or data.block_size, "
+            "base_model.quantization 4bit, or `lorakit train --dry-run` to see the plan",
+            highlight=False,
+        )
+        return EXIT_INPUT
+    from lorakit.fs import cache_dir
+
+    log = cache_dir() / "crashes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"lorakit {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(e)))
+        saved = f"the details are in {log}"
+    except OSError:
+        saved = "run it again with LORAKIT_DEBUG=1 to see the details"
+    err.print(
+        f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(short(e))}\n"
+        f"This is a fault in lorakit, not in your input; {escape(saved)}. Please report it with that file.",
+        highlight=False,
+    )
+    return 1
+
+
 def main() -> None:
     """The `lorakit` command: run the verb, then leave without tearing the interpreter down.
 
@@ -115,6 +168,11 @@ def main() -> None:
         code = 0
     except SystemExit as e:
         code = e.code
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        code = EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001  (the last line of defence: a message, never a traceback)
+        code = unexpected(e)
     if isinstance(code, str):  # sys.exit("message"): Python prints it and exits 1
         print(code, file=sys.stderr)
         code = 1

@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from lorakit.cli import (
     StoreOpt,
+    TrustOpt,
     app,
     console,
     quiet_libraries,
@@ -60,6 +61,14 @@ def merge(
         str | None, typer.Option(help="Base model reference (default: the adapter's); weights must match.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder or --into-adapter.")] = False,
+    qlora_merge: Annotated[
+        str,
+        typer.Option(
+            help="An adapter trained on a 4-bit base: merge into the dequantized 4-bit weights it was trained on, "
+            "the original weights, or auto: whichever of the two is closer to the model trained (both are measured)."
+        ),
+    ] = "auto",
+    trust_remote_code: TrustOpt = False,
     store: StoreOpt = "adapters",
 ):
     """Merge an adapter into its base (verified), or combine several adapters into one.
@@ -76,8 +85,9 @@ def merge(
 
         with console.status(f"merging {escape(names[0])}"):
             report = merge_adapter(
-                store, names[0], out, dtype=dtype, tolerance=tolerance, overwrite=overwrite, base=base, say=say
-            )
+                store, names[0], out, dtype=dtype, tolerance=tolerance, overwrite=overwrite, base=base, say=say,
+                trust_remote_code=trust_remote_code, qlora_merge=qlora_merge,
+            )  # fmt: skip
         _merged_message(report)
         return
     if out is None and into_adapter is None:
@@ -86,7 +96,8 @@ def merge(
 
     weight_list = combine.check_request(names, weight_list, method, density)
     quiet_libraries()
-    opts = dict(weights=weight_list, method=method, density=density, svd_rank=svd_rank, seed=seed)
+    opts = dict(weights=weight_list, method=method, density=density, svd_rank=svd_rank, seed=seed,
+                trust_remote_code=trust_remote_code)  # fmt: skip
     with console.status(f"combining {escape(' '.join(names))}"):
         if out is None:
             result = combine.combine_adapters(
@@ -153,6 +164,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Folder (hf, ollama) or .gguf file (gguf) to write.")],
     quant: Annotated[str, typer.Option(help="GGUF weight type: f32, f16 or q8_0.")] = "f16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    trust_remote_code: TrustOpt = False,
     store: StoreOpt = "adapters",
 ):
     """Export a merged model (or an adapter, merged first) as a model folder, a GGUF file, or for Ollama."""
@@ -160,7 +172,9 @@ def export(
     from lorakit.deploy.export import export_model
 
     with console.status(f"exporting {escape(source)}"):
-        path = export_model(source, format_, out, quant, overwrite=overwrite, store=store, say=say)
+        path = export_model(
+            source, format_, out, quant, overwrite=overwrite, store=store, say=say, trust_remote_code=trust_remote_code
+        )
     console.print(f"[green]wrote[/] {escape(str(path))} ({format_})", highlight=False)
     if format_ == "ollama":
         say(f"create the Ollama model with: cd {path} && ollama create NAME -f Modelfile")

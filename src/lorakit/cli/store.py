@@ -18,6 +18,7 @@ from lorakit.cli import (
     console,
     new_table,
     num,
+    quiet_libraries,
     say,
     size_text,
     user_errors,
@@ -92,7 +93,8 @@ def adapters_import(
     """Register a PEFT adapter made elsewhere (marked as imported)."""
     from lorakit.store.adapters import import_adapter
 
-    say(f"imported {path} as {import_adapter(store, path, name, overwrite)}")
+    quiet_libraries()
+    say(f"imported {path} as {import_adapter(store, path, name, overwrite, say=say)}")
 
 
 @adapters_app.command("show")

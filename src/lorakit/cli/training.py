@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -94,7 +95,8 @@ def train(
         display.close()
         err.print(f"[yellow]{escape(str(e))}[/]")
         if e.checkpoint:
-            err.print(f"resume with: lorakit train {escape(str(recipe))} --resume")
+            again = ["lorakit", "train", str(recipe), *(f"--set={o}" for o in set_ or []), "--resume"]
+            err.print(f"resume with: {escape(shlex.join(again))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STOPPED) from None
     finally:
         display.close()

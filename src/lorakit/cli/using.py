@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from lorakit.cli import (
     StoreOpt,
+    TrustOpt,
     app,
     console,
     err,
@@ -53,12 +54,13 @@ def generate(
     compare: Annotated[bool, typer.Option(help="Also show the base model's output for the same prompt.")] = False,
     base: Annotated[str | None, typer.Option(help="Base model reference (default: the adapter's).")] = None,
     style: Annotated[str | None, typer.Option(help="Prompt wrapping: chat, alpaca or raw.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=1_000_000)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="--prompts: prompts per batch.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="--prompts: one JSON line per prompt.")] = False,
+    trust_remote_code: TrustOpt = False,
     store: StoreOpt = "adapters",
 ):
     """Generate text with one or more adapters (or the base model), streaming tokens to the terminal."""
@@ -68,6 +70,8 @@ def generate(
         raise LorakitError(f"--style must be chat, alpaca or raw, got {style!r}")
     if (prompt is None) == (prompts is None):
         raise LorakitError("give a prompt, or --prompts FILE (not both)")
+    if prompt is not None and not prompt.strip():
+        raise LorakitError("the prompt is empty; give the text to continue (or a question, for a chat adapter)")
     passive_threads()
     quiet_libraries()
     from lorakit.store import loader
@@ -77,7 +81,7 @@ def generate(
     if prompts is not None:
         names = [] if base_only else list(adapter or [])
         items = gen.read_prompts(prompts, names[0] if names else None, names)
-        loaded = loader.load(store, names, base)
+        loaded = loader.load(store, names, base, trust_remote_code=trust_remote_code)
         for i in range(0, len(items), batch_size):
             batch = items[i : i + batch_size]
             for j, (item, text) in enumerate(zip(batch, gen.generate_batch(loaded, batch, **opts), strict=True)):
@@ -85,7 +89,7 @@ def generate(
         return
     from transformers import TextStreamer
 
-    loaded = loader.load(store, None if base_only else adapter, base)
+    loaded = loader.load(store, None if base_only else adapter, base, trust_remote_code=trust_remote_code)
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     outputs = [(n, f"adapter {n}") for n in loaded.adapters] or [(None, "base model")]
     if compare and loaded.adapters:
@@ -112,10 +116,11 @@ def chat(
     base_only: Annotated[bool, typer.Option("--base-only", help="Chat with the base model alone.")] = False,
     system: Annotated[str | None, typer.Option(help="A system message to start the conversation.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model reference (default: the adapter's).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=1_000_000)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
+    trust_remote_code: TrustOpt = False,
     store: StoreOpt = "adapters",
 ):
     """Chat with an adapter, using its chat template. /reset starts over, /exit (or Ctrl-D) leaves."""
@@ -128,7 +133,7 @@ def chat(
     from lorakit.store import loader
     from lorakit.use import generate as gen
 
-    loaded = loader.load(store, None if base_only else adapter, base, verb="chat")
+    loaded = loader.load(store, None if base_only else adapter, base, verb="chat", trust_remote_code=trust_remote_code)
     if not loaded.tokenizer.chat_template:
         raise LorakitError(f"{adapter or 'the base model'} has no chat template; use `lorakit generate` instead")
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -153,10 +158,16 @@ def chat(
             continue
         messages.append({"role": "user", "content": text})
         console.print("[bold magenta]assistant>[/] ", end="")
-        reply = gen.chat_reply(
-            loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed + turn, streamer=streamer,
-        )  # fmt: skip
+        try:
+            reply = gen.chat_reply(
+                loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                seed=seed + turn, streamer=streamer,
+            )  # fmt: skip
+        except LorakitError as e:  # the conversation outgrew the model's context: say so, keep the session
+            messages.pop()
+            console.print()
+            err.print(f"[yellow]{escape(str(e))}[/]; /reset starts a new conversation")
+            continue
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": reply})
         turn += 1
@@ -176,6 +187,7 @@ def eval_(
     base: Annotated[str | None, typer.Option(help="Base model reference (default: the adapters').")] = None,
     block_size: Annotated[int, typer.Option(min=2, help="Tokens per evaluated block.")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    trust_remote_code: TrustOpt = False,
     store: StoreOpt = "adapters",
 ):
     """Loss and perplexity on a data file: base, adapters and merged models side by side."""
@@ -183,7 +195,10 @@ def eval_(
     from lorakit.use.evaluate import evaluate
 
     with console.status("evaluating"):
-        rows = evaluate(data, format_, adapter, base_only, model, store=store, base=base, block_size=block_size)
+        rows = evaluate(
+            data, format_, adapter, base_only, model, store=store, base=base, block_size=block_size,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -13,11 +13,15 @@ from itertools import chain
 import numpy as np
 
 from lorakit.data.tokens import IGNORE, TOKEN, Example, Tokens, offsets_of
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, short
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ENCODE_BATCH_CHARS = 1 << 20  # text per batched tokenizer call: bounds the tokenizer's per-token objects
+# A text longer than this is tokenized in pieces (a 50 MB file with no line break took 7.8 GB in one call), each cut
+# before whitespace, where byte-level BPE pre-tokenizers split anyway: the ids are those of one call, except at a
+# cut inside a run of several spaces, or in a text with no whitespace at all.
+LONG_TEXT_CHARS = 1 << 18
 PARALLELISM = "TOKENIZERS_PARALLELISM"
 _PID = os.getpid()
 
@@ -80,7 +84,43 @@ def _batches(texts: list[str]) -> Iterator[list[str]]:
 
 
 def encode(tokenizer, texts: list[str], special: bool, eos: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of every text (+ `eos`), flat, and the offsets of each text's ids; one batched call per ~1 MB."""
+    """Token ids of every text (+ `eos`), flat, and the offsets of each text's ids; one batched call per ~1 MB,
+    a text longer than LONG_TEXT_CHARS in pieces (special tokens on its first piece, `eos` after its last)."""
+    if all(len(t) <= LONG_TEXT_CHARS for t in texts):
+        return _encode(tokenizer, texts, special, eos)
+    parts, lengths, start = [], [], 0
+    for end in [i for i, t in enumerate(texts) if len(t) > LONG_TEXT_CHARS] + [len(texts)]:
+        if end > start:  # the short texts before this long one, in batches as usual
+            ids, offsets = _encode(tokenizer, texts[start:end], special, eos)
+            parts.append(ids)
+            lengths += np.diff(offsets).tolist()
+        if end < len(texts):
+            pieces = text_pieces(texts[end])
+            head, _ = _encode(tokenizer, pieces[:1], special)
+            rest, _ = _encode(tokenizer, pieces[1:], False)
+            tail = np.array([] if eos is None else [eos], TOKEN)
+            parts += [head, rest, tail]
+            lengths.append(len(head) + len(rest) + len(tail))
+        start = end + 1
+    return np.concatenate(parts), offsets_of(lengths)
+
+
+def text_pieces(text: str, size: int | None = None) -> list[str]:
+    """`text` cut into pieces of at most `size` (default LONG_TEXT_CHARS) characters, each cut just before
+    whitespace where there is some in the second half of the piece (a text with none is cut where it must be)."""
+    size = size or LONG_TEXT_CHARS
+    pieces, start = [], 0
+    while len(text) - start > size:
+        window = text[start + size // 2 : start + size]
+        cut = max(window.rfind(c) for c in " \n\t")
+        end = start + size // 2 + cut if cut > 0 else start + size
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode(tokenizer, texts: list[str], special: bool, eos: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     backend = fast_backend(tokenizer)
     # The Rust tokenizer straight (no offsets, no attention masks) gives the ids `tokenizer(texts)` gives,
     # unless a tokenizer class adds rules of its own in Python: checked on the first texts.
@@ -148,8 +188,14 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> Example:
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prefix = render(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = render(messages[: i + 1], tokenize=False)
+        try:
+            prefix = render(messages[:i], tokenize=False, add_generation_prompt=True)
+            full = render(messages[: i + 1], tokenize=False)
+        except Exception as e:  # jinja2's TemplateError, raised by templates that check the roles' order
+            first = str(messages[0]["content"])[:60]
+            raise LorakitError(
+                f"the model's chat template refused a conversation ({short(e)}); it starts {first!r}"
+            ) from None
         if not prefix.startswith(done) or not full.startswith(prefix):
             raise LorakitError(
                 "this chat template renders a conversation differently from its prefixes, so assistant "

@@ -120,10 +120,13 @@ def _check_sources(store: str | Path, names: list[str], metas: dict[str, Adapter
             )
 
 
-def load_sources(store: str | Path, names: list[str], base: str | None = None):
+def load_sources(store: str | Path, names: list[str], base: str | None = None, trust_remote_code: bool = False):
     """One full-precision base holding every source adapter (named SOURCE.format(i)), and their metas."""
     sources = [SOURCE.format(i) for i in range(len(names))]
-    loaded = loader.load(store, names, base, verb="combine", dtype="float32", full_precision=True, names_as=sources)
+    loaded = loader.load(
+        store, names, base, verb="combine", dtype="float32", full_precision=True, names_as=sources,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
     section = loader.recorded_base(names, loaded.metas, base)
     return loaded.model, loaded.metas, section
 
@@ -140,6 +143,7 @@ def combine_adapters(
     overwrite: bool = False,
     base: str | None = None,
     say=print,
+    trust_remote_code: bool = False,
 ) -> CombineReport:
     """Combine adapters `names` of one base into a new adapter `into` in the store."""
     weights = check_request(names, weights, method, density)
@@ -148,7 +152,7 @@ def combine_adapters(
         raise LorakitError(f"adapter {into!r} already exists in {Path(store).resolve()}; use --overwrite to replace it")
     metas = {n: adapters.load_meta(store, n) for n in names}
     _check_sources(store, names, metas, method)
-    model, metas, section = load_sources(store, names, base)
+    model, metas, section = load_sources(store, names, base, trust_remote_code)
     sources = [SOURCE.format(i) for i in range(len(names))]
     torch.manual_seed(seed)  # the dare methods drop values at random
     try:
@@ -270,12 +274,14 @@ def combine_and_merge(
     check_out(Path(out), overwrite, keep=[Path(store)])
     if into:
         report = combine_adapters(store, names, into, overwrite=overwrite, base=base, say=say, **combine)
-        return report, merge_adapter(store, into, out, dtype, tolerance, overwrite, base, say)
+        trust = combine.get("trust_remote_code", False)
+        return report, merge_adapter(store, into, out, dtype, tolerance, overwrite, base, say, trust)
     scratch = Path(tempfile.mkdtemp(prefix=".lorakit-combine-", dir=Path(out).expanduser().resolve().parent))
     try:
         for n in names:
             shutil.copytree(adapters.adapter_dir(store, n), scratch / n)
         report = combine_adapters(scratch, names, "combined", base=base, say=say, **combine)
-        return report, merge_adapter(scratch, "combined", out, dtype, tolerance, overwrite, base, say)
+        trust = combine.get("trust_remote_code", False)
+        return report, merge_adapter(scratch, "combined", out, dtype, tolerance, overwrite, base, say, trust)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -7,13 +7,36 @@ from pathlib import Path
 from lorakit.deploy.gguf import export_gguf
 from lorakit.deploy.ollama import stop_tokens, write_modelfile
 from lorakit.errors import LorakitError
-from lorakit.fs import staged_dir
+from lorakit.fs import remove_leftovers, staged_dir
 
 FORMATS = ("hf", "gguf", "ollama")
 
 
+def prompt_style(model_dir: Path, tokenizer) -> str:
+    """How a merged model was trained to be prompted: as its merge recorded it (from the adapter), else chat for
+    a model with a chat template and raw text for one without."""
+    import json
+
+    from lorakit.deploy.merge import MERGE_FILE
+
+    try:
+        recorded = json.loads((Path(model_dir) / MERGE_FILE).read_text()).get("prompt_style")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded in ("raw", "alpaca", "chat"):
+        return recorded
+    return "chat" if tokenizer.chat_template else "raw"
+
+
 def export_model(
-    source: str, fmt: str, out: Path, qtype: str = "f16", overwrite: bool = False, store="adapters", say=print
+    source: str,
+    fmt: str,
+    out: Path,
+    qtype: str = "f16",
+    overwrite: bool = False,
+    store="adapters",
+    say=print,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Export a merged model folder, or an adapter merged first (`source` names one in the store)."""
     import shutil
@@ -37,16 +60,18 @@ def export_model(
             except OSError as e:
                 raise LorakitError(f"could not write {out}: {e.strerror or e}; nothing written") from None
         else:
-            merge_adapter(store, source, out, overwrite=overwrite, say=say)
+            merge_adapter(store, source, out, overwrite=overwrite, say=say, trust_remote_code=trust_remote_code)
         return out
     name = model_dir.resolve().name if is_dir else source
     if fmt == "ollama":
         check_out(out, overwrite, keep=[model_dir] if is_dir else [])
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merge-") as tmp:
+    remove_leftovers(out)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".tmp-{out.name}-merge-") as tmp:
         if not is_dir:
             say(f"merging adapter {source!r} first")
-            model_dir = merge_adapter(store, source, Path(tmp) / "merged", say=say).out
+            merged = merge_adapter(store, source, Path(tmp) / "merged", say=say, trust_remote_code=trust_remote_code)
+            model_dir = merged.out
         if fmt == "gguf":
             export_gguf(model_dir, out, qtype, overwrite=overwrite, say=say)  # one file, renamed into place
             return out
@@ -55,5 +80,7 @@ def export_model(
         with staged_dir(out) as folder:  # the GGUF file and its Modelfile, in place together
             report = export_gguf(model_dir, folder / f"{name}.gguf", qtype, say=say)
             tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-            write_modelfile(report.out, tok.chat_template, stop_tokens(tok))
+            style = prompt_style(model_dir, tok)
+            _, described = write_modelfile(report.out, tok.chat_template, stop_tokens(tok), style)
+            say(f"Ollama template: {described}")
     return out

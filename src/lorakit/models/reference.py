@@ -37,6 +37,17 @@ class ModelRef:
         return args
 
 
+def portable_id(reference: str, ref: ModelRef) -> str:
+    """The base model's name as another machine resolves it (adapter_config.json's base_model_name_or_path): the
+    hub id of a hub model or of the model the embedded one is; for a local folder or file, the path as the recipe
+    gave it (never a path lorakit chose, such as its cache)."""
+    if ref.kind == "hub":
+        return ref.path
+    if ref.kind == "embedded":
+        return EMBEDDED[reference.removeprefix("embedded:")]["hub_id"]
+    return reference
+
+
 def resolve(ref: str, revision: str | None = None, pull: bool = True) -> ModelRef:
     """Turn a recipe's model reference into something transformers can load."""
     if ref.startswith("embedded:"):

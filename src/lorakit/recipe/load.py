@@ -6,6 +6,7 @@ reported here, all at once, before anything expensive starts."""
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import Recipe, check_name
+from lorakit.recipe.schema import Recipe, YamlFloat, check_name
 
 
 class RecipeError(LorakitError):
@@ -84,13 +85,37 @@ def _is_union_tag(part: str) -> bool:
     return "[" in part or part in {"str", "float", "int", "bool", "none", "function-after", "function-before"}
 
 
+class RecipeYAML(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: `1e-3` (no dot) is a float, not a string."""
+
+
+RecipeYAML.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _float(loader: RecipeYAML, node: yaml.ScalarNode) -> YamlFloat:
+    value = YamlFloat(loader.construct_yaml_float(node))
+    value.text = node.value
+    return value
+
+
+RecipeYAML.add_constructor("tag:yaml.org,2002:float", _float)
+
+
+def read_text_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeYAML)  # noqa: S506  (a SafeLoader: no Python objects are built)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse `a.b.c=value`; the value is read as YAML (so numbers, booleans, lists work)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or not all(key.split(".")):
         raise ValueError(f"--set {text!r}: expected KEY=VALUE, like train.learning_rate=1e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_text_yaml(raw) if raw.strip() else ""
     except (yaml.YAMLError, ValueError, TypeError, RecursionError):
         value = raw  # not YAML we can build: take the text as it is
     return key.split("."), value
@@ -126,7 +151,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
         raise RecipeError(str(path), [("", f"cannot read: {e}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = read_text_yaml(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -21,8 +21,32 @@ def check_name(name: str) -> str:
     return name
 
 
+class YamlFloat(float):
+    """A number as a recipe file wrote it (`1e5`): a float for number keys, its text for text keys (a name)."""
+
+    text: str
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    """Strict types: a value is taken as the type it is written in (no "16" for 16, no 0.5 for true), so that the
+    recipe's JSON Schema (`lorakit recipe schema`) and this validator give every recipe the same verdict. A whole
+    float (16.0) is an integer, as JSON Schema counts it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_floats(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ints = {n for n, f in cls.model_fields.items() if f.annotation in (int, int | None)}
+            texts = {n for n, f in cls.model_fields.items() if f.annotation in (str, str | None)}
+            data = {
+                k: int(v) if k in ints and isinstance(v, float) and v.is_integer()
+                else v.text if k in texts and isinstance(v, YamlFloat)
+                else v
+                for k, v in data.items()
+            }  # fmt: skip
+        return data
 
 
 class BaseModelSection(Section):
@@ -65,7 +89,14 @@ class LoraSection(Section):
         description="LoRA alpha: the update is scaled by alpha / r. Default: 32 whatever `r` is, so changing the rank "
         "does not move the best learning rate.",
     )
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the LoRA input, in [0, 1). Default 0: measured against 0.05 on the embedded model "
+        "(bench/results/quality.md), the same held-out loss with 23% less peak memory and 28% less training time "
+        "(dropout copies every adapted layer's input).",
+    )
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto",
         description="Modules to adapt: `auto` (every linear layer of the blocks, named in the run "
@@ -111,6 +142,7 @@ class DataSource(Section):
     weight: float = Field(
         1.0,
         gt=0,
+        le=1000,
         description="Relative share of this source in the training mix (1.0 = use it as is; 2.0 = twice; 0.5 = half).",
     )
 
@@ -136,17 +168,6 @@ class DataSection(Section):
         "`lorakit cache list` shows the entries, `lorakit cache clear [--older-than DAYS]` removes them.",
     )
 
-    @field_validator("eval_split", mode="before")
-    @classmethod
-    def _number_strings(cls, v: Any) -> Any:
-        # YAML reads `5e-2` (no dot) as a string: a number is a fraction, not a file name.
-        if isinstance(v, str):
-            try:
-                return float(v)
-            except ValueError:
-                return v
-        return v
-
     @field_validator("eval_split")
     @classmethod
     def _eval_range(cls, v: Any) -> Any:
@@ -156,8 +177,10 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data (at most 1000).")
+    max_steps: int | None = Field(
+        None, gt=0, le=10_000_000, description="Stop after this many optimizer steps (at most 10 million)."
+    )
     learning_rate: float | Literal["auto"] = Field(
         "auto",
         description="Peak learning rate. `auto`: from the model's width, 1e-3 x (2048 / hidden_size) ** 0.78 "
@@ -168,8 +191,8 @@ class TrainSection(Section):
         "cosine", description="Learning-rate schedule after warmup."
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
-    batch_size: int = Field(4, gt=0, description="Blocks per device per step.")
-    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    batch_size: int = Field(4, gt=0, le=4096, description="Blocks per device per step (at most 4096).")
+    gradient_accumulation: int = Field(1, gt=0, le=4096, description="Micro-batches per optimizer step (at most 4096).")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Recompute activations to save memory. `auto`: on for GPUs and for quantized bases "
@@ -184,25 +207,26 @@ class TrainSection(Section):
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = Field(
         "adamw_torch", description="Optimizer (transformers' names)."
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
-    seed: int = Field(42, ge=0, description="Seed for weights init, data order and dropout.")
-    logging_every: int = Field(5, gt=0, description="Log loss and tokens/s every N steps.")
-    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always before and after training).")
-    save_every: int | None = Field(
-        None, gt=0, description="Write a resumable checkpoint under runs/<name>/ every N steps."
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 disables).")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for weights init, data order and dropout (0 to 2^32-1)."
     )
-    keep_checkpoints: int = Field(2, gt=0, description="How many checkpoints to keep.")
+    logging_every: int = Field(5, gt=0, le=10_000_000, description="Log loss and tokens/s every N steps.")
+    eval_every: int | None = Field(
+        None, gt=0, le=10_000_000, description="Evaluate every N steps (always before and after training)."
+    )
+    save_every: int | None = Field(
+        None, gt=0, le=10_000_000, description="Write a resumable checkpoint under runs/<name>/ every N steps."
+    )
+    keep_checkpoints: int = Field(2, gt=0, le=1000, description="How many checkpoints to keep.")
 
     @field_validator("learning_rate", mode="before")
     @classmethod
-    def _number_string(cls, v: Any) -> Any:
-        # YAML reads `1e-3` (no dot) as a string.
+    def _auto_or_number(cls, v: Any) -> Any:
+        # Recipes read `1e-3` as a number (YAML 1.2); a quoted "1e-3" is text, as the JSON Schema sees it.
         if isinstance(v, str) and v != "auto":
-            try:
-                return float(v)
-            except ValueError:
-                raise ValueError(f"must be 'auto' or a number like 2e-4, got {v!r}") from None
+            raise ValueError(f"must be 'auto' or a number like 2e-4, got {v!r}")
         return v
 
     @field_validator("learning_rate")

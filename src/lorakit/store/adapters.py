@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, short
 from lorakit.fs import dir_size, staged_dir
 from lorakit.recipe import check_name
 from lorakit.store.card import model_card
+from lorakit.store.fit import read_peft_config
 from lorakit.store.metadata import (
     META_FILE,
     REQUIRED,
@@ -60,11 +61,23 @@ def save_adapter(
     try:
         with staged_dir(final) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+            portable_config(tmp, meta)
             (tmp / META_FILE).write_text(meta.to_json())
             (tmp / "README.md").write_text(model_card(name, meta))
     except OSError as e:
         raise LorakitError(f"could not write adapter {name!r} to {final.parent}: {e.strerror or e}") from None
     return final
+
+
+def portable_config(folder: Path, meta: AdapterMeta) -> None:
+    """adapter_config.json names the base as other machines find it (PEFT writes the path it was loaded from:
+    here, a folder in this machine's cache)."""
+    if not meta.base_model.portable_id:
+        return
+    path = folder / REQUIRED[0]
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = meta.base_model.portable_id
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_meta(store: str | Path, name: str) -> AdapterMeta:
@@ -101,6 +114,8 @@ def _row(d: Path) -> dict[str, Any]:
             meta = read_meta(d)
         except UnreadableMeta as e:
             problem = e.why
+        except (LorakitError, OSError) as e:
+            problem = str(e)
     if meta is None:
         meta = _from_peft_config(d)
     if problem:
@@ -123,9 +138,8 @@ def _row(d: Path) -> dict[str, Any]:
 def _from_peft_config(d: Path) -> AdapterMeta:
     """What an adapter's adapter_config.json alone says (nothing, if it is unreadable too)."""
     try:
-        config = json.loads((d / REQUIRED[0]).read_text(encoding="utf-8"))
-        return peft_meta(d.name, config if isinstance(config, dict) else {})
-    except (json.JSONDecodeError, UnicodeDecodeError, LorakitError):
+        return peft_meta(d.name, read_peft_config(d))
+    except LorakitError:
         return AdapterMeta(name=d.name, imported=True)
 
 
@@ -162,8 +176,9 @@ def rename_adapter(store: str | Path, src: str, dst: str) -> Path:
     return target
 
 
-def import_adapter(store: str | Path, path: Path, name: str | None = None, overwrite: bool = False) -> Path:
-    """Register a PEFT LoRA adapter made elsewhere, with what its adapter_config.json says."""
+def import_adapter(store: str | Path, path: Path, name: str | None = None, overwrite: bool = False, say=print) -> Path:
+    """Register a PEFT LoRA adapter made elsewhere, with what its adapter_config.json says, once its tensors are
+    checked against the base model it names (built on the meta device from its config: no weights are read)."""
     path = Path(path)
     if not (path / REQUIRED[0]).is_file():
         raise LorakitError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
@@ -172,17 +187,42 @@ def import_adapter(store: str | Path, path: Path, name: str | None = None, overw
         raise LorakitError(
             f"{path}: no adapter_model.safetensors{hint if (path / 'adapter_model.bin').exists() else ''}"
         )
-    try:
-        config = json.loads((path / REQUIRED[0]).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LorakitError(f"{path / REQUIRED[0]}: unreadable") from None
-    if not isinstance(config, dict):
-        raise LorakitError(f"{path / REQUIRED[0]}: unreadable (expected a JSON object)")
+    config = read_peft_config(path)
     if config.get("peft_type") not in (None, "LORA"):
         raise LorakitError(f"{path}: a {config.get('peft_type')} adapter; lorakit handles LoRA adapters")
     name = name or path.resolve().name
+    adapter_dir(store, name)  # a valid name, before any checking
     meta = peft_meta(name, config, str(path.resolve()), created=now())
+    check_against_base(path, name, config.get("base_model_name_or_path"), say)
     return _place(path, store, name, overwrite, meta)
+
+
+def check_against_base(path: Path, name: str, base: str | None, say) -> None:
+    """Check an adapter folder's tensors against the skeleton of `base`; say so when the base cannot be read here."""
+    from lorakit.store.fit import check_fits, tensor_shapes
+
+    tensor_shapes(path, name)  # a damaged weights file is refused whatever happens next
+    if not base:
+        say(f"{name}: its adapter_config.json names no base model; its tensors are checked when it is loaded")
+        return
+    from lorakit.models.architecture import skeleton
+    from lorakit.models.reference import resolve
+
+    try:  # best effort: nothing is downloaded or pulled for it, and model code is not run
+        ref = resolve(base, pull=False)
+        if ref.kind == "hub":  # its config from the local hub cache, or no check (no network for an import)
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ref.path, "config.json", revision=ref.revision)
+            if not isinstance(cached, str):
+                raise LorakitError("its config is not in the local hub cache")
+            ref = resolve(str(Path(cached).parent))
+        model = skeleton(ref)
+    except Exception as e:  # noqa: BLE001  (an unreachable hub, a config transformers cannot build)
+        say(f"{name}: not checked against its base {base} here ({short(e)}); it is checked when it is loaded")
+        return
+    check_fits(model, path, name, base)
+    say(f"{name}: every tensor fits a module of {base}")
 
 
 def remove_adapter(store: str | Path, name: str, confirm: Callable[[Path], bool] | None = None) -> Path | None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, short
 from lorakit.internals import without_bitsandbytes
 from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, parameter_count, resolve, weights_fingerprint
@@ -16,6 +18,7 @@ from lorakit.models.tokenizer import load_tokenizer
 from lorakit.plan import Plan, plan_inference, probe
 from lorakit.recipe import BaseModelSection
 from lorakit.store import adapters
+from lorakit.store.fit import check_fits
 from lorakit.store.metadata import AdapterMeta
 
 
@@ -64,6 +67,30 @@ def recorded_base(names: list[str], metas: dict[str, AdapterMeta], base: str | N
     return section
 
 
+@contextmanager
+def peft_errors(name: str) -> Iterator[None]:
+    """What PEFT raises for an adapter_config.json it cannot build (a value of the wrong kind, an unknown option),
+    as a message naming the adapter."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise LorakitError(f"adapter {name!r}: PEFT cannot load it ({type(e).__name__}: {short(e)})") from None
+
+
+def remote_code(section: BaseModelSection, names: list[str], base: str | None, trust: bool) -> BaseModelSection:
+    """`section` with code from the model's repository allowed only if this command asked (`trust`).
+
+    An adapter's lorakit.json is a file anyone can copy into the store: what it records must never make lorakit
+    import Python from a model folder. When it records a base that needs such code (and no --base replaces that
+    base), loading is refused with a message saying how to allow it on purpose."""
+    if section.trust_remote_code and not trust and base is None:
+        raise LorakitError(
+            f"adapter {names[0]!r} records that its base model {section.name} runs code from its repository; "
+            "lorakit runs such code only when you ask for it: add --trust-remote-code if you trust that model"
+        )
+    return section.model_copy(update={"trust_remote_code": trust})
+
+
 def inference_plan(verb: str, section: BaseModelSection, ref: ModelRef, dtype: str | None = None) -> Plan:
     """The Plan of an inference verb on this machine: the base's size decides one GPU or several."""
     n_params = parameter_count(ref) if probe_gpus() else 0
@@ -85,14 +112,16 @@ def load(
     dtype: str | None = None,
     full_precision: bool = False,
     names_as: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> Loaded:
     """Load the base model (the adapters', or `base`) once, placed as the verb's Plan says, and attach each adapter.
 
     `full_precision`: the base unquantized (merging and combining work on full-precision weights), in `dtype` if
-    given; `names_as`: the names the adapters get inside the model (default: their store names)."""
+    given; `names_as`: the names the adapters get inside the model (default: their store names);
+    `trust_remote_code`: the user asked to run code from the base model's repository (never read from a file)."""
     names = [adapter] if isinstance(adapter, str) else list(adapter or [])
     metas = {n: adapters.load_meta(store, n) for n in names}
-    section = recorded_base(names, metas, base)
+    section = remote_code(recorded_base(names, metas, base), names, base, trust_remote_code)
     if full_precision:
         section = section.model_copy(update={"quantization": "none", "dtype": dtype or section.dtype})
     quantized = section.quantization != "none"
@@ -109,12 +138,15 @@ def load(
         from peft import PeftModel
 
         model = load_model(ref, plan, section.trust_remote_code)
+        for n in names:  # each against the bare base, before any is attached (attaching renames its modules)
+            check_fits(model, adapters.adapter_dir(store, n), n, section.name)
         for i, (n, as_name) in enumerate(zip(names, names_as or names, strict=True)):
             path = str(adapters.adapter_dir(store, n))
-            if i == 0:
-                model = PeftModel.from_pretrained(model, path, adapter_name=as_name)
-            else:
-                model.load_adapter(path, adapter_name=as_name)
+            with peft_errors(n):
+                if i == 0:
+                    model = PeftModel.from_pretrained(model, path, adapter_name=as_name)
+                else:
+                    model.load_adapter(path, adapter_name=as_name)
     model.eval()
     first = names[0] if names else None
     return Loaded(model, tokenizer, metas.get(first), first, names, metas, plan)

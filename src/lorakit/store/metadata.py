@@ -38,6 +38,8 @@ class BaseModelInfo(Record):
     architecture: str | None = None
     quantization: str | None = None  # how the base was loaded for training (unknown for imported adapters)
     fingerprint: str | None = None  # sha256 of the weights trained on; None: not recorded
+    portable_id: str | None = None  # how other machines and tools name it (adapter_config.json's base model)
+    converted_from: str | None = None  # the embedded model: the GGUF its weights were converted from, its sha256
 
 
 class TokenizerInfo(Record):
@@ -202,6 +204,9 @@ def method_name(recipe: Recipe) -> str:
 
 def build_meta(recipe, ref, config, tokenizer, trainable, data, plan, metrics) -> AdapterMeta:
     """lorakit.json: everything needed to use, reproduce and check this adapter."""
+    from lorakit.models.embedded import converted_from
+    from lorakit.models.reference import portable_id
+
     return AdapterMeta(
         name=recipe.adapter_name,
         created=now(),
@@ -214,6 +219,8 @@ def build_meta(recipe, ref, config, tokenizer, trainable, data, plan, metrics) -
             gguf_file=ref.gguf_file,
             architecture=(config.architectures or [config.model_type])[0],
             quantization=recipe.base_model.quantization,
+            portable_id=portable_id(recipe.base_model.name, ref),
+            converted_from=converted_from(ref.path) if ref.kind == "embedded" else None,
         ),
         tokenizer=TokenizerInfo(
             eos_token=tokenizer.eos_token,
@@ -269,6 +276,8 @@ def read_meta(path: Path) -> AdapterMeta:
     except json.JSONDecodeError as e:
         why = f"{e.msg} at line {e.lineno}"
         raise UnreadableMeta(f"adapter {name!r}: {meta_file} is unreadable ({why})", why) from None
+    except RecursionError:
+        raise UnreadableMeta(f"adapter {name!r}: {meta_file} nests JSON too deeply", "nested too deeply") from None
     except UnicodeDecodeError:
         raise UnreadableMeta(f"adapter {name!r}: {meta_file} is unreadable (not UTF-8 text)", "not UTF-8") from None
     if not isinstance(raw, dict):
@@ -308,10 +317,9 @@ def _problem(e: ValidationError) -> str:
 
 def check_consistent(path: Path, meta: AdapterMeta) -> None:
     """The PEFT config on disk must be the one lorakit recorded (rank and target modules)."""
-    try:
-        config = json.loads((path / REQUIRED[0]).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LorakitError(f"{path / REQUIRED[0]}: unreadable") from None
+    from lorakit.store.fit import read_peft_config
+
+    config = read_peft_config(path)
     recorded_r = meta.recipe.lora.r
     if recorded_r is not None and config.get("r") != recorded_r:
         raise LorakitError(

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.content import Content
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, short
 from lorakit.fs import fsync_tree
 from lorakit.recipe import Recipe
 
 MARKER = ".complete"
 RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+# What a run writes in runs/<name>/ besides its checkpoints: a new run of that name replaces these, and only these.
+RUN_FILES = (METRICS_FILE, RUN_FILE, f".{RUN_FILE}.tmp", f".{METRICS_FILE}.tmp")
 
 
 class Interrupted(LorakitError):
@@ -82,6 +86,10 @@ def prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+# Settings that change the shapes or the set of the adapter's tensors: a checkpoint of other ones cannot be loaded.
+SHAPE_KEYS = ("lora.r", "lora.target_modules", "lora.use_dora", "lora.modules_to_save")
+
+
 def resume_key(recipe: Recipe, base_fingerprint: str | None, content: Content) -> dict[str, Any]:
     """What a checkpoint's run must share with this one to continue it. The data's hash decides; its files'
     digests and settings are there so a refusal names the file or the key that changed."""
@@ -130,13 +138,89 @@ def find_resume(run_dir: Path, key: dict[str, Any], force: bool) -> tuple[Path, 
         raise LorakitError(f"--resume: no complete checkpoint in {run_dir} (set train.save_every to write them)")
     run = read_run(run_dir)
     changes = _diff(run.get("resume_key", {}), key)
+    shapes = [c for c in changes if c.split(":")[0] in SHAPE_KEYS]
+    if shapes:
+        raise LorakitError(
+            "--resume: the adapter's shape changed since the checkpoint was written, so its weights cannot be "
+            "loaded (not even with --force):\n  " + "\n  ".join(shapes) + "\nstart over with --overwrite"
+        )
     if changes and not force:
         raise LorakitError(
             "--resume: the recipe or its inputs changed since the checkpoint was written:\n  "
             + "\n  ".join(changes)
             + "\nresume anyway with --force, or start over with --overwrite"
         )
+    check_readable(done[-1])
     return done[-1], run
+
+
+def check_readable(ckpt: Path) -> None:
+    """Read each file of a checkpoint the way resuming reads it (tensors only, no code), before any training:
+    a damaged or tampered file is named, instead of failing in the middle of the trainer's start."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types transformers' RNG state holds
+
+    for f in sorted(ckpt.iterdir()):
+        if f.name == "training_args.bin":  # transformers' pickled settings: written, never read back on resume
+            continue
+        try:
+            if f.suffix in (".pt", ".pth"):
+                with safe_globals():
+                    torch.load(f, map_location="cpu", weights_only=True)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="numpy") as st:
+                    st.keys()
+        except Exception as e:  # pickle's, torch's, json's and safetensors' errors: the file is not what it says
+            raise LorakitError(
+                f"--resume: {f} cannot be read as a checkpoint file ({short(e)}); it is damaged or was not written "
+                "by lorakit: remove that checkpoint folder to resume from an earlier one, or start over with "
+                "--overwrite"
+            ) from None
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Make runs/<name>/ ready for a new run: remove what an earlier run of this name wrote (its log, its record,
+    its checkpoints). Anything else in the folder was not made by lorakit and stays where it is."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorakitError(f"{run_dir} is a file, not a folder; lorakit keeps the run's log and checkpoints there")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for p in run_dir.iterdir():
+        if p.name in RUN_FILES and not p.is_dir():
+            p.unlink()
+    for ckpt in checkpoints(run_dir, complete_only=False):
+        shutil.rmtree(ckpt)
+
+
+def trim_metrics(run_dir: Path, step: int) -> tuple[float, int]:
+    """Resuming at `step`: drop the log rows of steps after it (trained again now) and return the summed training
+    loss of the steps logged up to it, each logged loss counted for the steps it averages, and how many steps
+    that covers (the last logged step)."""
+    path = run_dir / METRICS_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0.0, 0
+    kept, total, last = [], 0.0, 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+            row_step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+        if row_step > step:
+            continue
+        kept.append(line)
+        if isinstance(row.get("loss"), int | float) and row_step > last:
+            total += row["loss"] * (row_step - last)
+            last = row_step
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+    return total, last
 
 
 def check_fresh_start(run_dir: Path, overwrite: bool) -> None:

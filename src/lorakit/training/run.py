@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.fs import cache_dir, held_lock
 from lorakit.internals import keep_4bit_trainable_on_cpu
 from lorakit.models.load import load_model
 from lorakit.models.reference import ModelRef, describe, weights_fingerprint
@@ -67,8 +71,8 @@ def prepare_run_dir(recipe: Recipe, key: dict, overwrite: bool, resume: bool, fo
         ckpt, info = checkpoints.find_resume(run_dir, key, force)
         return run_dir, str(ckpt), info
     checkpoints.check_fresh_start(run_dir, overwrite)
-    if run_dir.exists() and is_main_process():
-        shutil.rmtree(run_dir)
+    if is_main_process():
+        checkpoints.clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, None, {}
 
@@ -107,15 +111,45 @@ def check_launch(recipe: Recipe) -> None:
 def train(
     recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False, show=None, say=print
 ) -> TrainResult:
-    """Run one recipe end to end and write its adapter to the store."""
-    say = say if is_main_process() else _quiet
+    """Run one recipe end to end and write its adapter to the store.
+
+    One run per adapter name at a time: once its inputs are checked, the main process holds runs/<name>/.lock to
+    the end, and a second run of that name is refused there, naming the process that holds it."""
+    main = is_main_process()
+    say = say if main else _quiet
     check_launch(recipe)
     machine = probe()
     if not machine.gpus:
         runtime.bound_cpu_kernel_cache()
-    ref, config, targets, fan_in_fan_out, tokenizer, data = preflight(recipe, overwrite or resume)
+    checked = preflight(recipe, overwrite or resume)
+    run_dir = Path(recipe.output.runs_dir) / recipe.adapter_name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorakitError(f"{run_dir} is a file, not a folder; lorakit keeps the run's log and checkpoints there")
+    what = f"training of adapter {recipe.adapter_name!r}"
+    with (
+        held_lock(run_dir / checkpoints.LOCK_FILE, what) if main else nullcontext(),
+        held_lock(store_lock(recipe), what) if main else nullcontext(),  # the same name from another runs_dir
+    ):
+        return _train(recipe, checked, machine, overwrite, resume, force, show, say)
+
+
+def store_lock(recipe: Recipe) -> Path:
+    """The lock of an adapter name in its store, kept in lorakit's cache (nothing extra in the store)."""
+    where = str(Path(recipe.output.store).resolve() / recipe.adapter_name)
+    return cache_dir() / "locks" / f"{recipe.adapter_name}-{hashlib.sha256(where.encode()).hexdigest()[:12]}.lock"
+
+
+def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, force: bool, show, say) -> TrainResult:
+    ref, config, targets, fan_in_fan_out, tokenizer, data = checked
     key = checkpoints.resume_key(recipe, weights_fingerprint(ref), data.content)
     run_dir, resume_from, run_info = prepare_run_dir(recipe, key, overwrite, resume, force)
+    if resume_from:  # the run was started with --overwrite: its resumption may replace the adapter too
+        overwrite = overwrite or bool(run_info.get("overwrite"))
+        if adapters.exists(recipe.output.store, recipe.adapter_name) and not overwrite:
+            raise LorakitError(
+                f"adapter {recipe.adapter_name!r} already exists in {Path(recipe.output.store).resolve()}; "
+                "resume with --overwrite to replace it when the run ends"
+            )
     plan = resolve_plan(recipe, config, targets, fan_in_fan_out, data, machine)
     say(f"base model: {recipe.base_model.name} ({describe(ref)}, {config.model_type})")
     say(data_summary(data))
@@ -127,7 +161,12 @@ def train(
     info = (
         run_info
         if resume_from
-        else {"resume_key": key, "eval_loss_before": None, "recipe": recipe.model_dump(mode="json")}
+        else {
+            "resume_key": key,
+            "eval_loss_before": None,
+            "overwrite": overwrite,
+            "recipe": recipe.model_dump(mode="json"),
+        }
     )
     before = EvalBefore(run_dir, info)
     trainer = sft_trainer_class()(
@@ -145,19 +184,36 @@ def train(
     trainer.remove_callback(PrinterCallback)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    loss_before, steps_before = 0.0, 0  # the summed training loss of the steps logged before this resumption
     if resume_from:
         say(f"resuming from {resume_from}")
+        if is_main_process():
+            loss_before, steps_before = checkpoints.trim_metrics(run_dir, checkpoints.step_of(Path(resume_from)))
     elif is_main_process():
         checkpoints.write_run(run_dir, info)  # the evaluation before the first step adds its loss (EvalBefore)
     started = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        out = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+        if not disk_full(e, run_dir):
+            raise
+        done = checkpoints.checkpoints(run_dir)
+        kept = (
+            f"the last complete checkpoint, {done[-1].name}, is kept: free some space, then add --resume"
+            if done
+            else "no checkpoint was complete yet: free some space and start again"
+        )
+        where = getattr(e, "filename", None) or run_dir
+        raise LorakitError(f"the disk filled while training (writing {where}); {kept}") from None
     if stop.stopping:
         done = checkpoints.checkpoints(run_dir)
         raise checkpoints.Interrupted(trainer.state.global_step, done[-1] if done else None)
     elapsed = time.perf_counter() - started - before.seconds
     eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    steps, resumed_at = trainer.state.global_step, checkpoints.step_of(Path(resume_from)) if resume_from else 0
+    trained_now = steps - resumed_at  # the whole run's mean: the steps logged before, and this session's
     metrics = {
-        "train_loss": out.training_loss,
+        "train_loss": (loss_before + out.training_loss * trained_now) / max(steps_before + trained_now, 1),
         "eval_loss_before": before.loss,
         "eval_loss_after": eval_after,
         "eval_perplexity_after": math.exp(eval_after) if eval_after is not None else None,
@@ -174,6 +230,22 @@ def train(
         for ckpt in checkpoints.checkpoints(run_dir, complete_only=False):
             shutil.rmtree(ckpt, ignore_errors=True)
     return TrainResult(recipe.adapter_name, path, metrics, meta)
+
+
+def disk_full(e: Exception, where: Path) -> bool:
+    """Whether `e` is a write that failed for want of space: an OSError that says so, or torch's and safetensors'
+    own errors for it (their text, or a disk with almost nothing left)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    if "failed writing" in text or "write failed" in text:  # PytorchStreamWriter, safetensors
+        try:
+            return shutil.disk_usage(where).free < 64 << 20
+        except OSError:
+            return False
+    return False
 
 
 def plan_save(trainer, recipe: Recipe, meta: AdapterMeta, overwrite: bool) -> Path:

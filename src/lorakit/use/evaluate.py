@@ -59,6 +59,7 @@ def evaluate(
     store: str | Path = "adapters",
     base: str | None = None,
     block_size: int = BLOCK_SIZE,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per model: the base (if `base_only`), each adapter, each model folder."""
     adapters, model_dirs = list(adapters or []), list(model_dirs or [])
@@ -66,7 +67,7 @@ def evaluate(
         raise LorakitError("name what to evaluate: --base-only, --adapter NAME or --model DIR")
     rows = []
     if adapters or base_only:
-        loaded = loader.load(store, adapters or None, base, verb="eval")
+        loaded = loader.load(store, adapters or None, base, verb="eval", trust_remote_code=trust_remote_code)
         blocks = examples(data, fmt, loaded.tokenizer, block_size)
         if base_only and loaded.adapters:
             with loaded.model.disable_adapter():
@@ -78,7 +79,7 @@ def evaluate(
             rows.append(row(f"adapter {n}", loss(loaded.model, blocks)))
         del loaded
     for d in model_dirs:
-        plain = loader.load(store, None, base=d, verb="eval", dtype="float32")
+        plain = loader.load(store, None, base=d, verb="eval", dtype="float32", trust_remote_code=trust_remote_code)
         rows.append(row(f"model {d}", loss(plain.model, examples(data, fmt, plain.tokenizer, block_size))))
         del plain
     return rows

@@ -40,6 +40,19 @@ def _gen_kwargs(loaded: Loaded, max_new_tokens: int, temperature: float, top_p: 
     return kwargs
 
 
+def check_length(loaded: Loaded, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse before generating what the model cannot hold: an empty prompt, or more tokens than its context."""
+    if prompt_tokens == 0:
+        raise LorakitError("the prompt is empty after tokenizing; give the text to continue")
+    config = loaded.model.config
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if context and prompt_tokens + max_new_tokens > context:
+        raise LorakitError(
+            f"the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} exceed this model's context "
+            f"of {context} tokens; ask for at most {max(context - prompt_tokens, 0)} new tokens"
+        )
+
+
 def _style(loaded: Loaded, adapter: str | None, style: str | None) -> str:
     meta = loaded.metas.get(adapter, loaded.meta) if adapter else loaded.meta
     return style or (meta.tokenizer.prompt_style if meta else "raw")
@@ -67,6 +80,7 @@ def generate(
     style = _style(loaded, adapter, style)
     text = format_prompt(tok, prompt, style)
     inputs = tok(text, return_tensors="pt", add_special_tokens=style != "chat")
+    check_length(loaded, inputs["input_ids"].shape[1], max_new_tokens)
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     kwargs = {**_gen_kwargs(loaded, max_new_tokens, temperature, top_p), "streamer": streamer}
     torch.manual_seed(seed)
@@ -156,6 +170,7 @@ def generate_batch(
     kwargs = _gen_kwargs(loaded, max_new_tokens, temperature, top_p)
     ids, mask = encode_batch(loaded, items, style, kwargs["pad_token_id"])
     width = ids.shape[1]
+    check_length(loaded, width, max_new_tokens)
     if loaded.adapters:
         kwargs["adapter_names"] = adapter_names(items)
     torch.manual_seed(seed)
@@ -180,6 +195,7 @@ def chat_reply(
         raise LorakitError("this model's tokenizer has no chat template; use `lorakit generate` instead")
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    check_length(loaded, ids["input_ids"].shape[1], max_new_tokens)
     ids = {k: v.to(loaded.device) for k, v in ids.items()}
     kwargs = {**_gen_kwargs(loaded, max_new_tokens, temperature, top_p), "streamer": streamer}
     torch.manual_seed(seed)
