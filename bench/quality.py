@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, help="held-out tokens per corpus (default 8000; 1000 with --quick)")
     p.add_argument("--min-docs", type=int, default=6, help="no document longer than budget/N tokens (default 6)")
     p.add_argument("--lrs", help=f"learning rates to sweep (default {DEFAULT_LRS}; {QUICK_LRS} with --quick)")
+    p.add_argument("--no-sweep", action="store_true", help="no learning-rate sweep: base, full and defaults only")
     p.add_argument(
         "--variants",
         default="",
@@ -89,7 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--lrs: {text} is not in (0, 1)")
         if lr not in [v for _, v in args.lrs]:
             args.lrs.append((text, lr))
-    if not args.lrs:
+    if args.no_sweep:
+        args.lrs = []
+    elif not args.lrs:
         p.error("--lrs: name at least one learning rate")
     args.variants_by_corpus = {c: [] for c in args.corpora}
     for item in filter(None, (v.strip() for v in args.variants.split(","))):
@@ -258,18 +261,19 @@ def num(x, spec: str = ".4f", suffix: str = "") -> str:
 def corpus_table(rows: list[dict]) -> list[str]:
     lines = [
         "| run | learning rate | held-out loss | perplexity | share of full FT's reduction | steps | train tokens "
-        "| train s | total s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| train s | total s | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed ({r['error']}, log {r.get('log')}) | | | | | | | |")
+            lines.append(f"| {r['label']} | failed ({r['error']}, log {r.get('log')}) | | | | | | | | |")
             continue
         tokens = r.get("train_tokens_seen")
         lines.append(
             f"| {r['label']} | {lr_text(r.get('learning_rate'))} | {num(r.get('eval_loss'))} "
             f"| {num(r.get('perplexity'), '.2f')} | {num(r.get('share_pct'), '.0f', '%')} | {r.get('steps') or '-'} "
-            f"| {tokens if tokens else '-'} | {num(r.get('train_s'), '.0f')} | {num(r.get('wall_s'), '.0f')} |"
+            f"| {tokens if tokens else '-'} | {num(r.get('train_s'), '.0f')} | {num(r.get('wall_s'), '.0f')} "
+            f"| {r.get('peak_rss_mb') or '-'} |"
         )
     return lines
 
@@ -323,7 +327,8 @@ def markdown(results: dict) -> str:
         "sets only the data and the output name (the learning rate shown is the one its Plan recorded); "
         "lr=X = the same recipe with train.learning_rate X"
         + "".join(f"; {k} = the recipe with {json.dumps(v)}" for k, v in VARIANTS.items() if k in c["variants_run"])
-        + ". Train s: the training loop; total s: the whole process (loading, data, training, evaluation).",
+        + ". Train s: the training loop; total s: the whole process (loading, data, training, evaluation); "
+        "peak RSS: that process's peak resident memory.",
         "",
     ]
     load = m.get("load_average_at_start", [0])[0]
