@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= \# Keeper's Log — Gull Rock Light, Week 2
 
-.PHONY: venv demo test test-fast lint format docs bench bench-quality clean
+.PHONY: venv demo test test-fast lint format docs bench bench-quality bench-gguf clean
 
 # torch first: the pinned build (CPU here, CUDA on a GPU machine), so the range in pyproject.toml
 # installs nothing else.
@@ -53,6 +53,9 @@ bench: venv
 # Learning-quality benchmark: LoRA with lorakit's defaults vs a full fine-tune, and a learning-rate sweep
 # (bench/results/quality.{json,md}); about 1.5 hours on 2 cores, resumable.
 # `python bench/quality.py --quick` for a smoke run.
+bench-gguf: venv  # needs llama-cpp-python, built from source once: see bench/gguf_parity.py
+	$(BIN)/python bench/gguf_parity.py
+
 bench-quality: venv
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/quality.py
