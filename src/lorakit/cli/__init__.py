@@ -71,6 +71,11 @@ def say(message: str) -> None:
     console.print(escape(message), highlight=False)
 
 
+def show_error(text: str) -> None:
+    """A user's mistake, as lorakit says it: `error: ...` on stderr (the text is never read as markup)."""
+    err.print(f"[bold red]error:[/] {escape(text)}", highlight=False)
+
+
 def user_errors(fn):
     """Show a LorakitError as a message (exit 2), Ctrl-C as a short note (exit 130)."""
 
@@ -79,7 +84,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LorakitError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            show_error(str(e))
             raise typer.Exit(EXIT_INPUT) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -124,18 +129,17 @@ def unexpected(e: Exception) -> int:
     if isinstance(e, BrokenPipeError):  # `lorakit ... | head`: the reader has all it wanted
         return 0
     if isinstance(e, LorakitError):
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        show_error(str(e))
         return EXIT_INPUT
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
         where = f" ({e.filename})" if e.filename else ""
         advice = "free some space and run it again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path"
-        err.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}; {advice}", highlight=False)
+        show_error(f"{e.strerror or e}{where}; {advice}")
         return EXIT_INPUT
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        err.print(
-            "[bold red]error:[/] out of memory; use a smaller train.batch_size or data.block_size, "
-            "base_model.quantization 4bit, or `lorakit train --dry-run` to see the plan",
-            highlight=False,
+        show_error(
+            "out of memory; use a smaller train.batch_size or data.block_size, base_model.quantization 4bit, "
+            "or `lorakit train --dry-run` to see the plan"
         )
         return EXIT_INPUT
     from lorakit.fs import cache_dir

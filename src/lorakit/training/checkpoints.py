@@ -185,8 +185,6 @@ def check_readable(ckpt: Path) -> None:
 def clear_run_dir(run_dir: Path) -> None:
     """Make runs/<name>/ ready for a new run: remove what an earlier run of this name wrote (its log, its record,
     its checkpoints). Anything else in the folder was not made by lorakit and stays where it is."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LorakitError(f"{run_dir} is a file, not a folder; lorakit keeps the run's log and checkpoints there")
     run_dir.mkdir(parents=True, exist_ok=True)
     for p in run_dir.iterdir():
         if p.name in RUN_FILES and not p.is_dir():

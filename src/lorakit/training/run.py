@@ -185,10 +185,11 @@ def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, forc
     trainable, total = trainer.model.get_nb_trainable_parameters()
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     loss_before, steps_before = 0.0, 0  # the summed training loss of the steps logged before this resumption
+    resumed_at = checkpoints.step_of(Path(resume_from)) if resume_from else 0
     if resume_from:
         say(f"resuming from {resume_from}")
         if is_main_process():
-            loss_before, steps_before = checkpoints.trim_metrics(run_dir, checkpoints.step_of(Path(resume_from)))
+            loss_before, steps_before = checkpoints.trim_metrics(run_dir, resumed_at)
     elif is_main_process():
         checkpoints.write_run(run_dir, info)  # the evaluation before the first step adds its loss (EvalBefore)
     started = time.perf_counter()
@@ -210,7 +211,7 @@ def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, forc
         raise checkpoints.Interrupted(trainer.state.global_step, done[-1] if done else None)
     elapsed = time.perf_counter() - started - before.seconds
     eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
-    steps, resumed_at = trainer.state.global_step, checkpoints.step_of(Path(resume_from)) if resume_from else 0
+    steps = trainer.state.global_step
     trained_now = steps - resumed_at  # the whole run's mean: the steps logged before, and this session's
     metrics = {
         "train_loss": (loss_before + out.training_loss * trained_now) / max(steps_before + trained_now, 1),
