@@ -36,7 +36,7 @@ from run import Runner, machine_info
 
 CORPORA = ("code", "prose", "structured")
 FULL_LR = 5e-5
-DEFAULT_LRS = "3e-4,1e-3,3e-3"
+DEFAULT_LRS = "1e-3,2e-3,5e-3,8e-3"
 QUICK_LRS = "1e-3"
 # Extra lorakit runs (--variants): recipe overrides on top of the data-only recipe.
 VARIANTS = {

@@ -91,6 +91,22 @@ def test_auto_learning_rate_from_the_width(tiny_llama, hidden, lr):
     assert f"learning rate {lr:.2g} (auto" in "\n".join(plan.summary())
 
 
+@pytest.mark.parametrize(("rows", "factor"), [(None, 1.0), (40, 1.5), (400, 1.5), (4000, 1.0), (40000, 1.0)])
+def test_short_runs_get_a_higher_automatic_rate(tiny_llama, rows, factor):
+    # batch 4, accumulation 1, 1 epoch: rows / 4 optimizer steps; <= 100 steps get 1.5x, >= 1000 none of it
+    r = validate_recipe(
+        tiny_recipe(
+            tiny_llama, TIDES, train={"learning_rate": "auto", "batch_size": 4, "max_steps": None, "epochs": 1}
+        ),
+        "t",
+    )
+    plan = plan_training(r, Machine(), "all-linear", packed_rows=rows, hidden_size=2048)
+    assert plan.learning_rate == pytest.approx(1e-3 * factor)
+    assert ("short run" in plan.learning_rate_from) == (factor != 1.0)
+    middle = plan_training(r, Machine(), "all-linear", packed_rows=4 * 316, hidden_size=2048)  # 316 steps: halfway
+    assert middle.learning_rate == pytest.approx(1e-3 * 1.5**0.5, rel=0.05)  # to 2 digits
+
+
 def test_auto_learning_rate_is_the_default_and_a_written_one_is_kept(tiny_llama):
     body = tiny_recipe(tiny_llama, TIDES)
     del body["train"]["learning_rate"]
@@ -189,17 +205,17 @@ def test_plan_predicts_the_trainers_steps_and_is_saved(tiny_llama, tmp_path):
     # the automatic learning rate is the trainer's peak (warmup, then cosine) and is saved with where it came from
     rows = [json.loads(line) for line in (tmp_path / "r" / "steps" / "metrics.jsonl").read_text().splitlines()]
     lrs = [row["learning_rate"] for row in rows if "learning_rate" in row]
-    assert plan.learning_rate == 3e-3 and 0.5 * plan.learning_rate < max(lrs) <= plan.learning_rate
+    assert plan.learning_rate == 4.5e-3 and 0.5 * plan.learning_rate < max(lrs) <= plan.learning_rate  # 3e-3 x 1.5
     saved = json.loads((tmp_path / "a" / "steps" / "lorakit.json").read_text())["plan"]
-    assert saved["learning_rate"] == 3e-3 and saved["learning_rate_from"].startswith(
+    assert saved["learning_rate"] == 4.5e-3 and saved["learning_rate_from"].startswith(
         "auto: 0.001 x (2048 / hidden size 64)"
     )
     assert (
         json.loads((tmp_path / "a" / "steps" / "lorakit.json").read_text())["recipe"]["train"]["learning_rate"]
         == "auto"
     )
-    assert result.meta.learning_rate_text().startswith("0.003 (auto: ")
-    assert "| learning rate | 0.003 (auto: " in (tmp_path / "a" / "steps" / "README.md").read_text()
+    assert result.meta.learning_rate_text().startswith("0.0045 (auto: ")
+    assert "| learning rate | 0.0045 (auto: " in (tmp_path / "a" / "steps" / "README.md").read_text()
 
 
 def test_dry_run_prints_the_plan_without_reading_weights(tiny_llama, tmp_path):
