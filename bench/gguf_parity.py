@@ -1,6 +1,7 @@
 """llama.cpp parity of lorakit's GGUF export: an adapter merged (`lorakit merge`), exported as f16 and q8_0
-(`lorakit export --format gguf`), then run where users run GGUF files, in llama.cpp (llama-cpp-python), side by
-side with the merged model in transformers: the same token ids in, logits and greedy continuations compared.
+(`lorakit export --format gguf`), and the adapter alone as a LoRA GGUF (`--format lora-gguf`) on its base model's
+GGUF, then run where users run GGUF files, in llama.cpp (llama-cpp-python), side by side with the merged model in
+transformers: the same token ids in, logits and greedy continuations compared.
 Run by hand; results in bench/results/gguf_parity.{md,json}.
 
 llama-cpp-python has no CPU wheel on PyPI: it builds llama.cpp from source (about 7 minutes on 2 cores). Build the
@@ -55,10 +56,11 @@ def transformers_side(model_dir: Path, ids: list[list[int]], eos: int):
     return logits, greedy
 
 
-def llama_cpp_side(gguf: Path, ids: list[list[int]], eos: int):
+def llama_cpp_side(gguf: Path, ids: list[list[int]], eos: int, lora: Path | None = None):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=512, logits_all=True, n_threads=2, verbose=False)
+    extra = {"lora_path": str(lora)} if lora else {}
+    llm = Llama(model_path=str(gguf), n_ctx=512, logits_all=True, n_threads=2, verbose=False, **extra)
     logits, greedy = [], []
     for row in ids:
         llm.reset()
@@ -90,18 +92,26 @@ def main() -> None:
     merged = args.work / "merged"
     started = time.perf_counter()
     lorakit("merge", args.adapter, "--out", str(merged), "--store", args.store, "--overwrite")
-    ggufs = {}
+    ggufs = {}  # row -> (model GGUF, LoRA GGUF or None)
     for q in ("f16", "q8_0"):
-        ggufs[q] = args.work / f"{args.adapter}-{q}.gguf"
-        lorakit("export", str(merged), "--format", "gguf", "--quant", q, "--out", str(ggufs[q]), "--overwrite")
+        ggufs[q] = (args.work / f"{args.adapter}-{q}.gguf", None)
+        lorakit("export", str(merged), "--format", "gguf", "--quant", q, "--out", str(ggufs[q][0]), "--overwrite")
+    # the adapter alone (--format lora-gguf), applied by llama.cpp at run time to the base model's GGUF
+    base = json.loads((merged / "lorakit-merge.json").read_text())["base_model"]
+    for q in ("f32", "f16"):
+        model, lora = args.work / f"base-{q}.gguf", args.work / f"{args.adapter}-lora-{q}.gguf"
+        lorakit("export", base, "--format", "gguf", "--quant", q, "--out", str(model), "--overwrite")
+        lorakit("export", args.adapter, "--format", "lora-gguf", "--quant", q, "--out", str(lora), "--overwrite",
+                "--store", args.store)  # fmt: skip
+        ggufs[f"base {q} + LoRA {q}"] = (model, lora)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged)
     ids = [tok(text)["input_ids"] for text in PROMPTS]
     ref_logits, ref_greedy = transformers_side(merged, ids, tok.eos_token_id)
     rows = {}
-    for q, path in ggufs.items():
-        logits, greedy = llama_cpp_side(path, ids, tok.eos_token_id)
+    for q, (path, lora) in ggufs.items():
+        logits, greedy = llama_cpp_side(path, ids, tok.eos_token_id, lora)
         diff = max(float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits, strict=True))
         scale = max(float(np.abs(b).max()) for b in ref_logits)
         top1 = np.mean([(a.argmax(-1) == b.argmax(-1)).mean() for a, b in zip(logits, ref_logits, strict=True)])
@@ -110,7 +120,7 @@ def main() -> None:
                   for a, b in zip(greedy, ref_greedy, strict=True)]  # fmt: skip
         rows[q] = {"max_abs_logit_diff": diff, "relative": diff / max(scale, 1.0), "top1_agreement": float(top1),
                    "greedy_identical": same, "greedy_common_prefix": prefix,
-                   "gguf_mb": round(path.stat().st_size / 2**20, 1)}  # fmt: skip
+                   "gguf_mb": round(sum(f.stat().st_size for f in (path, lora) if f) / 2**20, 1)}  # fmt: skip
     result = {"adapter": args.adapter, "llama_cpp_python": llama_cpp.__version__, "prompts": len(PROMPTS),
               "new_tokens": NEW_TOKENS, "seconds": round(time.perf_counter() - started, 1),
               "results": rows}  # fmt: skip
@@ -122,7 +132,9 @@ def main() -> None:
         f"Adapter `{args.adapter}` merged by `lorakit merge` (float32), exported by `lorakit export --format gguf`, "
         f"run in llama.cpp (llama-cpp-python {llama_cpp.__version__}, CPU) and compared with the merged model in "
         f"transformers (float32) on {len(PROMPTS)} prompts, the same token ids in. Greedy: up to {NEW_TOKENS} new "
-        "tokens or EOS, each side on its own logits.",
+        "tokens or EOS, each side on its own logits. The `base + LoRA` rows are the adapter alone "
+        "(`lorakit export ADAPTER --format lora-gguf`) applied by llama.cpp at run time (`--lora`) to the base "
+        f"model's GGUF (`lorakit export {base} --format gguf`); their size is both files'.",
         "",
         "| GGUF | size MB | max logit diff | relative to the logit scale | top-1 agreement | greedy identical "
         "| greedy common prefix (tokens) |",

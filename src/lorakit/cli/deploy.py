@@ -159,10 +159,21 @@ def _merged_message(report) -> None:
 @app.command()
 @user_errors
 def export(
-    source: Annotated[str, typer.Argument(help="A merged model folder, or an adapter name (merged first).")],
-    format_: Annotated[str, typer.Option("--format", help="hf (model folder), gguf (one file) or ollama.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder (hf, ollama) or .gguf file (gguf) to write.")],
-    quant: Annotated[str, typer.Option(help="GGUF weight type: f32, f16 or q8_0.")] = "f16",
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A merged model folder, embedded:NAME, or an adapter name (merged first, or as a LoRA GGUF)."
+        ),
+    ],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf (model folder), gguf (one file), ollama, or lora-gguf (the adapter alone, for llama.cpp --lora).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder (hf, ollama) or .gguf file (gguf, lora-gguf) to write.")],
+    quant: Annotated[str, typer.Option(help="GGUF weight type: f32, f16 or q8_0 (lora-gguf: f32 or f16).")] = "f16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     trust_remote_code: TrustOpt = False,
     store: StoreOpt = "adapters",

@@ -9,7 +9,7 @@ from lorakit.deploy.ollama import stop_tokens, write_modelfile
 from lorakit.errors import LorakitError
 from lorakit.fs import remove_leftovers, staged_dir
 
-FORMATS = ("hf", "gguf", "ollama")
+FORMATS = ("hf", "gguf", "ollama", "lora-gguf")
 
 
 def prompt_style(model_dir: Path, tokenizer) -> str:
@@ -38,7 +38,8 @@ def export_model(
     say=print,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Export a merged model folder, or an adapter merged first (`source` names one in the store)."""
+    """Export a merged model folder (or the embedded model), or an adapter: merged first, or as a LoRA GGUF
+    (`source` names one in the store)."""
     import shutil
     import tempfile
 
@@ -47,6 +48,10 @@ def export_model(
     if fmt not in FORMATS:
         raise LorakitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out).expanduser().resolve()
+    if source.startswith("embedded:"):  # the embedded model itself, e.g. as the base GGUF for a LoRA GGUF
+        from lorakit.models.reference import resolve
+
+        source = resolve(source).path
     model_dir = Path(source).expanduser()
     is_dir = (model_dir / "config.json").is_file()
     if not is_dir and ("/" in source or model_dir.exists()):
@@ -62,6 +67,10 @@ def export_model(
         else:
             merge_adapter(store, source, out, overwrite=overwrite, say=say, trust_remote_code=trust_remote_code)
         return out
+    if fmt == "lora-gguf":
+        if is_dir:
+            raise LorakitError(f"--format lora-gguf exports an adapter; {source} is a model folder (merged already)")
+        return export_adapter_gguf(store, source, out, qtype, overwrite, say, trust_remote_code)
     name = model_dir.resolve().name if is_dir else source
     if fmt == "ollama":
         check_out(out, overwrite, keep=[model_dir] if is_dir else [])
@@ -84,3 +93,39 @@ def export_model(
             _, described = write_modelfile(report.out, tok.chat_template, stop_tokens(tok), style)
             say(f"Ollama template: {described}")
     return out
+
+
+def export_adapter_gguf(
+    store, name: str, out: Path, qtype: str, overwrite: bool, say=print, trust_remote_code: bool = False
+) -> Path:
+    """The adapter as a LoRA GGUF for llama.cpp, and how to run it there."""
+    from transformers import AutoConfig
+
+    from lorakit.deploy.lora_gguf import export_lora_gguf
+    from lorakit.deploy.merge import base_section
+    from lorakit.models.reference import resolve
+    from lorakit.store import adapters, loader
+
+    meta = adapters.load_meta(store, name)
+    path = adapters.adapter_dir(store, name)
+    section = loader.remote_code(base_section(meta, path, "float32", None), [name], None, trust_remote_code)
+    ref = resolve(section.name, section.revision)
+    try:
+        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=section.trust_remote_code, **ref.load_args)
+    except (OSError, ValueError) as e:
+        raise LorakitError(f"could not read the base model's config ({section.name}): {e}") from None
+    report = export_lora_gguf(path, config, out, qtype, overwrite, name, say)
+    say(f"{report.pairs} adapted weights, alpha {report.alpha:g}, {report.size / 1e6:.1f} MB")
+    base_hint = "BASE.gguf" if ref.kind != "gguf" else str(Path(ref.path) / ref.gguf_file)
+    say(f"run it with llama.cpp on its base model: llama-cli -m {base_hint} --lora {report.out}")
+    if ref.kind != "gguf":
+        say(
+            f"the base as GGUF: lorakit export {section.name} --format gguf --quant f32 --out BASE.gguf"
+            + (" (the weights the adapter was trained on)" if ref.kind == "embedded" else "")
+        )
+    if meta.recipe.base_model is not None and meta.recipe.base_model.quantization != "none":
+        say(
+            f"note: the adapter was trained on a {meta.recipe.base_model.quantization} base; llama.cpp applies it "
+            "to whatever weights BASE.gguf holds"
+        )
+    return report.out
