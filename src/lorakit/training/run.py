@@ -153,6 +153,10 @@ def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, forc
     plan = resolve_plan(recipe, config, targets, fan_in_fan_out, data, machine)
     say(f"base model: {recipe.base_model.name} ({describe(ref)}, {config.model_type})")
     say(data_summary(data))
+    from lorakit.training.planner import fit_warning
+
+    for line in fit_warning(recipe, plan, config, machine):
+        say(line)
     model, plan = load_base(recipe, ref, plan)
     for line in plan.summary():
         say(line)
