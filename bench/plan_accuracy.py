@@ -51,15 +51,35 @@ CONFIGS = [
     ("1b-4bit-b512-x1-gc", LLAMA_1B, "4bit", 512, 1, "on", True),
 ]
 
-# Published GPU measurements (HF transformers + PEFT + bitsandbytes): the longest context that fit.
+# Published GPU measurements (HF transformers + PEFT + bitsandbytes + FlashAttention 2): the longest padded
+# sequence that fit, QLoRA (4-bit) with LoRA r=32 on every linear layer, batch 1. 0: out of memory at any length.
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+               "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"}}  # fmt: skip
+LLAMA_33_70B = {**LLAMA_31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                "num_attention_heads": 64}  # fmt: skip
 PUBLISHED = [
     {
-        "source": "unsloth, Llama 3.1 (8B) max context length benchmark, 'Hugging Face + FA2' column",
-        "url": "https://unsloth.ai/blog/llama3-1",
-        "model": "meta-llama/Llama-3.1-8B",
-        "setup": "QLoRA 4-bit, LoRA r=32 on all linear layers, batch 1, gradient checkpointing, FlashAttention 2",
-        "points": [(12, 932), (16, 2551), (24, 5789)],  # (GPU GiB, longest context that fit)
-    }
+        "source": "unsloth, Llama 3.1 (8B) max context, Hugging Face + FA2 column (unsloth.ai/blog/llama3-1)",
+        "model": "Llama-3.1-8B",
+        "config": LLAMA_31_8B,
+        "points": [(12, 932), (16, 2551), (24, 5789)],
+    },
+    {
+        "source": "unsloth, Llama 3.3 blog: Llama 3.1 (8B), HF + FA2 (unsloth.ai/blog/llama3-3)",
+        "model": "Llama-3.1-8B",
+        "config": LLAMA_31_8B,
+        "points": [(8, 0), (80, 28000)],  # "out of memory for 8GB GPUs", "can only do 28,000 on a 80GB GPU"
+    },
+    {
+        "source": "unsloth, Llama 3.3 (70B) max context, Hugging Face + FA2 column (unsloth.ai/blog/llama3-3)",
+        "model": "Llama-3.3-70B",
+        "config": LLAMA_33_70B,
+        "points": [(48, 0), (80, 6916)],
+    },
 ]
 
 
@@ -175,16 +195,46 @@ def one(cfg, work: Path, gpu: bool) -> dict:
     }
 
 
-def published_rows() -> list[dict]:
-    """The planner's longest context that fits each published GPU size, for the published setup."""
-    from lorakit.training.plan_report import longest_context
+def longest_context(config: dict, gib: int, work: Path, chunked: bool) -> tuple[int, int]:
+    """The planner's longest block (batch 1) that fits `gib` GiB for the published setup; and its peak there."""
+    from lorakit.estimate import GiB, gpu_spec
+    from lorakit.recipe import validate_recipe
+    from lorakit.training.planner import plan_recipe
 
+    folder = work / f"config-{config['num_hidden_layers']}-{config['hidden_size']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    body = {"base_model": {"name": str(folder), "quantization": "4bit"},
+            "data": {"sources": [{"path": str(common.DATA / "tides.txt")}], "block_size": 1024},
+            "lora": {"r": 32, "alpha": 32, "target_modules": "all-linear"},
+            "train": {"batch_size": 1, "gradient_checkpointing": "on", "precision": "auto"},
+            "output": {"name": "published"}}  # fmt: skip
+    costed = plan_recipe(validate_recipe(body, "published"), gpu_spec(f"{gib}GB"), data=False).target
+    lo, hi, best = 1, config["max_position_embeddings"], 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if costed.memory_with(rows=1, length=mid, chunked_loss=chunked).peak <= gib * GiB:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best, costed
+
+
+def published_rows(work: Path) -> list[dict]:
+    """The planner's longest context beside each published one: with the model's own loss (full logits, as the
+    published stack ran) and with lorakit's chunked loss."""
+    from lorakit.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT
+
+    assumed = f"CUDA context {CUDA_CONTEXT >> 20} MiB, allocator slack {ALLOCATOR_SLACK:.0%} of a step's tensors"
     rows = []
     for pub in PUBLISHED:
         for gib, reported in pub["points"]:
-            found = longest_context(pub["model"], gib, r=32, quantization="4bit", batch=1)
-            rows.append({**{k: pub[k] for k in ("source", "setup", "model")}, "gpu_gib": gib, "reported": reported,
-                         **found})  # fmt: skip
+            full, costed = longest_context(pub["config"], gib, work, chunked=False)
+            chunked, _ = longest_context(pub["config"], gib, work, chunked=True)
+            at = costed.memory_with(rows=1, length=max(reported, 1), chunked_loss=False).peak
+            rows.append({"source": pub["source"], "model": pub["model"], "gpu_gib": gib, "reported": reported,
+                         "planner_full_logits": full, "planner_chunked": chunked, "peak_at_reported": at,
+                         "assumed": assumed})  # fmt: skip
     return rows
 
 
@@ -214,7 +264,7 @@ def main() -> None:
         rows.append(row)
         print(f"  estimate {row['estimate'] / 2**20:.0f} MiB, measured {row['measured'] / 2**20:.0f} MiB, "
               f"error {100 * row['error']:+.1f}%", flush=True)  # fmt: skip
-    published = published_rows() if not args.only else []
+    published = published_rows(args.work) if not args.only or args.only == "published" else []
     write(rows, published, args.out, args.gpu)
 
 
@@ -223,8 +273,6 @@ def write(rows: list[dict], published: list[dict], out: Path, gpu: bool) -> None
     where = "CUDA (torch.cuda.max_memory_allocated)" if gpu else "CPU (the allocator's accounting, via the profiler)"
     lines = [
         "# `lorakit plan`: estimated against measured peak memory",
-        "",
-        f"{common.machine_line() if hasattr(common, 'machine_line') else ''}",
         "",
         f"Measured: the peak of PyTorch tensor memory over {STEPS} optimizer steps of `lorakit train` (loading "
         f"included) on {where}. Estimate: `lorakit plan`'s peak for the same recipe on the same device, from the "
@@ -247,14 +295,20 @@ def write(rows: list[dict], published: list[dict], out: Path, gpu: bool) -> None
             "",
             "## Published GPU measurements beside the planner",
             "",
-            "| source | setup | GPU GiB | longest context reported | planner's longest context | planner's peak at "
-            "the reported length | assumed overheads |",
-            "|---|---|---:|---:|---:|---:|---|",
+            "QLoRA (NF4, double quantization), LoRA r=32 on every linear layer, batch 1, sequences padded to the "
+            "length, gradient checkpointing, FlashAttention 2 (flash-style attention memory), bf16. The published "
+            "stack computes the model's own loss over full logits; lorakit's chunked loss is the last column. "
+            "0 = out of memory at any length.",
+            "",
+            "| source | model | GPU GiB | longest context reported | planner, full logits | planner's peak at the "
+            "reported length | planner, lorakit's chunked loss | overheads assumed |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in published:
             lines.append(
-                f"| {r['source']} | {r['model']}: {r['setup']} | {r['gpu_gib']} | {r['reported']:,} | "
-                f"{r['longest']:,} | {r['peak_at_reported'] / 2**30:.2f} GiB | {r['assumed']} |"
+                f"| {r['source']} | {r['model']} | {r['gpu_gib']} | {r['reported']:,} | "
+                f"{r['planner_full_logits']:,} | {r['peak_at_reported'] / 2**30:.2f} GiB | {r['planner_chunked']:,} "
+                f"| {r['assumed']} |"
             )
     out.mkdir(parents=True, exist_ok=True)
     name = "plan_accuracy_gpu" if gpu else "plan_accuracy"

@@ -313,7 +313,26 @@ def loss_bytes(tokens: int, hidden: int, vocab: int, b: int, chunked: bool) -> i
     return tokens * vocab * (b + (4 if b != 4 else 0) + 4 + 4)
 
 
-def memory(trace_: Trace, model, config, settings: Settings, trainable: int) -> Memory:
+@dataclass
+class Sizes:
+    """The base model's weights: from the meta model, or extrapolated from one- and two-layer copies (`layers` of
+    them in the model) when every layer is the same."""
+
+    models: list
+    layers: int
+
+    def weights(self, settings: Settings) -> int:
+        if len(self.models) == 1:
+            return weight_bytes(self.models[0], settings)
+        one, two = (weight_bytes(m, settings) for m in self.models)
+        return one + (self.layers - 1) * (two - one)
+
+    @property
+    def largest(self) -> int:
+        return max((p.numel() for p in self.models[-1].parameters()), default=0)
+
+
+def memory(trace_: Trace, sizes: Sizes, config, settings: Settings, trainable: int) -> Memory:
     """The memory of a run with `settings`, its activations from `trace_` (scaled to the settings' shape)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     t = trace_.scaled(Shape(settings.rows, settings.length))
@@ -321,11 +340,16 @@ def memory(trace_: Trace, model, config, settings: Settings, trainable: int) -> 
     full = sum(t.per_layer) + t.outside
     checkpointed = sum(t.layer_inputs) + t.outside + max(t.per_layer, default=0)
     acts, other = (checkpointed, full) if settings.gradient_checkpointing else (full, checkpointed)
-    working = round(WORKING_LAYERS * max(t.per_layer, default=0))
+    layer = max(t.per_layer, default=0)
+    # Without checkpointing, backward starts with everything saved, the loss's gradient and the last layer's
+    # activation gradients. With it, the layers' inputs stay; the loss runs before any layer is recomputed, and a
+    # recomputed layer's tensors are freed as its backward uses them: the worse of the two, not their sum
+    # (measured on this CPU: bench/plan_accuracy.py).
+    working = 0 if settings.gradient_checkpointing else round(WORKING_LAYERS * layer)
     vocab, hidden = int(text.vocab_size), int(text.hidden_size)
     loss = loss_bytes(t.shape.tokens, hidden, vocab, b, settings.chunked_loss)
     loss_other = loss_bytes(t.shape.tokens, hidden, vocab, b, not settings.chunked_loss)
-    weights = weight_bytes(model, settings)
+    weights = sizes.weights(settings)
     lora = trainable * 4
     grads = trainable * 4
     opt = round(trainable * OPTIMIZER_BYTES.get(settings.optimizer, 8.0))
@@ -343,12 +367,12 @@ def memory(trace_: Trace, model, config, settings: Settings, trainable: int) -> 
         "chunked" if settings.chunked_loss else "full logits",
     )
     static = weights + lora + grads + opt
-    step = acts + working + loss
+    step = acts - layer + max(loss, layer) if settings.gradient_checkpointing else acts + working + loss
     if settings.cuda:
         m.cuda_context = CUDA_CONTEXT
         m.allocator_slack = round(ALLOCATOR_SLACK * step)
     extra = m.cuda_context + m.allocator_slack
-    largest = max((p.numel() for p in model.parameters()), default=0) * 4  # a weight's fp32 copy while loading
+    largest = sizes.largest * 4  # a weight's fp32 copy while loading
     m.phases = {
         "loading": weights + largest + m.cuda_context,
         "forward and backward": static + step + extra,
@@ -440,27 +464,45 @@ def settings_of(recipe, plan) -> Settings:
     )
 
 
-def estimate(recipe, plan, config) -> tuple[Estimate, Any, Trace | None]:
-    """The run's parameter counts and memory on the Plan's device; (estimate, meta model, trace). An architecture
-    the meta device cannot run gets its weights, LoRA and optimizer only, labelled as such."""
+def estimate(recipe, plan, config) -> tuple[Estimate, Sizes, Trace | None]:
+    """The run's parameter counts and memory on the Plan's device; (estimate, sizes, trace). A model whose layers
+    are all alike is built with one and with two layers and the rest extrapolated (seconds for a 70B model);
+    others are built whole. An architecture the meta device cannot run gets its weights, LoRA and optimizer only,
+    labelled as such."""
+    import copy
+
+    import torch
+
+    from lorakit.models.architecture import layer_count, repeated_layers, with_layers
     from lorakit.training.trainer import build_lora_config
 
     settings = settings_of(recipe, plan)
-    model, how = meta_model(config, settings, build_lora_config(recipe, plan), recipe.base_model.trust_remote_code)
-    trainable, total = model.get_nb_trainable_parameters()
-    head = model.get_output_embeddings()
-    import torch
-
+    lora = build_lora_config(recipe, plan)
+    n = layer_count(config)
+    configs = [with_layers(config, 1), with_layers(config, 2)] if repeated_layers(config) else [config]
+    built = [meta_model(c, settings, copy.deepcopy(lora), recipe.base_model.trust_remote_code) for c in configs]
+    models, how = [m for m, _ in built], built[-1][1]
+    counts = [m.get_nb_trainable_parameters() for m in models]
+    if len(models) == 2:
+        (t1, p1), (t2, p2) = counts
+        trainable, total = t1 + (n - 1) * (t2 - t1), p1 + (n - 1) * (p2 - p1)
+    else:
+        trainable, total = counts[0]
+    head = models[-1].get_output_embeddings()
     settings.chunked_loss = type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
     packed = plan.packing == "padding-free"
     note = ""
+    shape = Shape(settings.rows, settings.length)
     try:
-        t = trace(model, config, Shape(settings.rows, settings.length), packed)
+        t = trace(models[-1], configs[-1], shape, packed)
+        if len(models) == 2:  # the second layer stands for every layer after the first
+            t = Trace(shape, [t.per_layer[0]] + [t.per_layer[1]] * (n - 1),
+                      [t.layer_inputs[0]] + [t.layer_inputs[1]] * (n - 1), t.outside,
+                      t.attention_quadratic // 2 * n)  # fmt: skip
     except Exception as e:  # any model code that does not run on the meta device: parameters only
         t = None
         note = f"activations not estimated: the model does not run on the meta device ({type(e).__name__})"
         how = "parameters only"
-    if t is None:
-        t = Trace(Shape(settings.rows, settings.length), [0], [0], 0, 0)
-    mem = memory(t, model, config, settings, trainable)
-    return Estimate(trainable, total, mem, how, note), model, (t if how != "parameters only" else None)
+    sizes = Sizes(models, n)
+    mem = memory(t or Trace(shape, [0], [0], 0, 0), sizes, config, settings, trainable)
+    return Estimate(trainable, total, mem, how, note), sizes, t

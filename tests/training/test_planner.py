@@ -114,8 +114,9 @@ def test_advice_and_fit_agree_with_the_estimate(config_only):
 
 
 def test_cli_plan_on_a_config_only_folder_and_train_refuses_it(config_only, tmp_path):
-    recipe = write_recipe(tmp_path, tiny_recipe(config_only, TIDES, base_model={"quantization": "4bit"},
-                                                data={"block_size": 1024}, train={"precision": "auto", "batch_size": 1}))  # fmt: skip
+    body = tiny_recipe(config_only, TIDES, base_model={"quantization": "4bit"}, data={"block_size": 1024},
+                       train={"precision": "auto", "batch_size": 1})  # fmt: skip
+    recipe = write_recipe(tmp_path, body)
     res = run_cli("plan", str(recipe), "--gpu", "12GB", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -191,3 +192,15 @@ def test_gpu_names_and_sizes():
     assert gpu_spec("rtx4090").memory == 24 * GiB and gpu_spec("24GB").memory == 24 * GiB
     assert gpu_spec("A100-80GB").memory == 80 * GiB and not gpu_spec("t4").bf16
     assert gpu_spec("12").memory == 12 * GiB
+
+
+def test_probe_runs_real_steps_and_keeps_nothing(tiny_llama, tmp_path):
+    body = tiny_recipe(tiny_llama, TIDES, train={"max_steps": None, "epochs": 3})
+    res = run_cli("plan", str(write_recipe(tmp_path, body)), "--probe", "2", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    p = out["probe"]
+    assert p["steps"] == 2 and p["seconds_per_step"] > 0 and p["tokens_per_second"] > 0
+    assert p["run_steps"] == out["plan"]["steps"] > 2 and p["eta"]
+    assert p["peak_kind"] == "process peak RSS" and p["peak_memory"] > 0
+    assert not (tmp_path / "adapters").exists() and not (tmp_path / "runs").exists()

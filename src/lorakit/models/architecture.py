@@ -36,16 +36,46 @@ def load_config(ref: ModelRef, trust_remote_code: bool = False):
     return config
 
 
-def skeleton(ref: ModelRef, trust_remote_code: bool = False) -> nn.Module:
-    """The model's module tree on the meta device: no memory, no weights read."""
+def skeleton(ref: ModelRef, trust_remote_code: bool = False, config=None) -> nn.Module:
+    """The model's module tree on the meta device: no memory, no weights read (`config`: instead of the model's own,
+    e.g. one with fewer layers)."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(ref, trust_remote_code)
+    config = config if config is not None else load_config(ref, trust_remote_code)
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise LorakitError(f"{ref.path} is not a causal language model: {short(e)}") from None
+
+
+# Config keys of models whose decoder layers differ in what they hold (dense and mixture-of-experts layers mixed):
+# these are planned with every layer built, the others from one- and two-layer copies.
+MIXED_LAYER_KEYS = ("first_k_dense_replace", "mlp_only_layers", "decoder_sparse_step", "moe_layer_freq",
+                    "dense_layers", "moe_layers", "layers_block_type", "hybrid_override_pattern")  # fmt: skip
+
+
+def layer_count(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", 0)
+    return n if isinstance(n, int) else 0
+
+
+def repeated_layers(config) -> bool:
+    """Whether every decoder layer holds the same modules (so one layer's size stands for each)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return layer_count(config) > 2 and not any(getattr(text, k, None) not in (None, [], 0) for k in MIXED_LAYER_KEYS)
+
+
+def with_layers(config, n: int):
+    """A copy of the config with `n` decoder layers (per-layer lists cut to match)."""
+    copy = config.__class__.from_dict(config.to_dict())
+    text = copy.get_text_config() if hasattr(copy, "get_text_config") else copy
+    text.num_hidden_layers = n
+    types = getattr(text, "layer_types", None)
+    if isinstance(types, list | tuple) and len(types) > n:
+        text.layer_types = list(types[:n])
+    return copy
 
 
 def linear_modules(model: nn.Module) -> dict[str, str]:

@@ -16,12 +16,20 @@ from lorakit.estimate import (
     GpuSpec,
     Memory,
     Settings,
+    Sizes,
     Trace,
     estimate,
     memory,
     settings_of,
 )
-from lorakit.models.architecture import check_quantizable, choose_targets, load_config, skeleton
+from lorakit.models.architecture import (
+    check_quantizable,
+    choose_targets,
+    load_config,
+    repeated_layers,
+    skeleton,
+    with_layers,
+)
 from lorakit.models.reference import describe, resolve
 from lorakit.plan import Gpu, Machine, Plan, plan_training, probe
 from lorakit.recipe import Recipe
@@ -38,7 +46,7 @@ class Costed:
     estimate: Estimate
     settings: Settings
     trace: Trace | None
-    model: Any  # the meta model (weights' sizes for other quantizations)
+    sizes: Sizes  # the base model's weights (their size under other quantizations)
     config: Any
 
     def memory_with(self, **changes) -> Memory:
@@ -51,7 +59,7 @@ class Costed:
             t = self.trace
         if "quantization" in changes and changes["quantization"] != "none" and self.settings.quantization == "none":
             settings = settings.replace(compute_dtype="bfloat16" if settings.cuda else settings.compute_dtype)
-        return memory(t, self.model, self.config, settings, self.estimate.trainable)
+        return memory(t, self.sizes, self.config, settings, self.estimate.trainable)
 
 
 @dataclass
@@ -143,16 +151,19 @@ def target_machine(gpu: GpuSpec | None) -> Machine:
 
 def costed(recipe: Recipe, machine: Machine, config, targets, fan_in_fan_out: bool, rows, eval_desc: str) -> Costed:
     plan = plan_training(recipe, machine, targets, fan_in_fan_out, rows, eval_desc, hidden_size(config))
-    est, model, t = estimate(recipe, plan, config)
+    est, sizes, t = estimate(recipe, plan, config)
     return Costed(plan, est, settings_of(recipe, plan).replace(chunked_loss=est.memory.loss_path == "chunked"), t,
-                  model, config)  # fmt: skip
+                  sizes, config)  # fmt: skip
 
 
 def plan_recipe(recipe: Recipe, gpu: GpuSpec | None = None, data: bool = True) -> Report:
     """Everything `lorakit plan` reports, from the recipe and the model's config (no weights read)."""
     ref = resolve(recipe.base_model.name, recipe.base_model.revision)
     config = load_config(ref, recipe.base_model.trust_remote_code)
-    meta = skeleton(ref, recipe.base_model.trust_remote_code)
+    # every layer alike: a two-layer copy has the same layer names (and builds in a fraction of the time)
+    meta = skeleton(
+        ref, recipe.base_model.trust_remote_code, with_layers(config, 2) if repeated_layers(config) else config
+    )
     check_quantizable(meta, recipe.base_model)
     targets, fan_in_fan_out = choose_targets(meta, recipe.lora.target_modules)
     notes: list[str] = []
@@ -239,13 +250,13 @@ def fit_warning(recipe: Recipe, plan: Plan, config, machine: Machine) -> list[st
         return []
     budget, where = offered
     try:
-        est, model, t = estimate(recipe, plan, config)
+        est, sizes, t = estimate(recipe, plan, config)
     except Exception:  # noqa: BLE001  (an estimate that cannot be made must never stop a run)
         return []
     if est.memory.peak <= budget:
         return []
     c = Costed(plan, est, settings_of(recipe, plan).replace(chunked_loss=est.memory.loss_path == "chunked"), t,
-               model, config)  # fmt: skip
+               sizes, config)  # fmt: skip
     report = Report(recipe, "", "", c, None, None, c)
     lines = [
         f"warning: lorakit plan estimates this run's peak at {est.memory.peak / GiB:.2f} GiB, more than "
