@@ -1,0 +1,1 @@
+"""`lorakit serve`: the adapter store behind one OpenAI-compatible endpoint."""
