@@ -30,35 +30,95 @@ from lorakit.cli import (
 
 
 class TrainDisplay:
-    """A rich progress bar with loss and tokens/s, plus one line per evaluation."""
+    """Progress of a run: a rich bar in a terminal; one plain line per logging step anywhere else (a log file, CI,
+    nohup, a pipe), with the same fields: step of total, epoch, loss raw and smoothed, eval loss, learning rate,
+    tokens/s, ETA and peak memory."""
 
-    def __init__(self):
+    SMOOTHING = 0.9  # of the loss's exponential moving average
+
+    def __init__(self, live: bool | None = None):
+        self.live = console.is_terminal if live is None else live
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
             console=console,
         )
         self.task = None
+        self.smoothed: float | None = None
+        self.eval_loss: float | None = None
+        self.started: float | None = None
+        self.first_step = 0
+
+    def fields(self, row: dict, state) -> str:
+        import time
+
+        if self.started is None:
+            self.started, self.first_step = time.perf_counter(), state.global_step
+        parts = [f"epoch {row.get('epoch', 0):.2f}"]
+        if "loss" in row:
+            loss = float(row["loss"])
+            self.smoothed = (
+                loss if self.smoothed is None else self.SMOOTHING * self.smoothed + (1 - self.SMOOTHING) * loss
+            )
+            parts.append(f"loss {loss:.4f} (smoothed {self.smoothed:.4f})")
+        if self.eval_loss is not None:
+            parts.append(f"eval {self.eval_loss:.4f}")
+        if "learning_rate" in row:
+            parts.append(f"lr {float(row['learning_rate']):.2e}")
+        if row.get("tokens_per_second"):
+            parts.append(f"{row['tokens_per_second']:.0f} tok/s")
+        done = state.global_step - self.first_step
+        if done > 0 and state.max_steps:
+            left = (time.perf_counter() - self.started) / done * (state.max_steps - state.global_step)
+            parts.append(f"eta {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")
+        parts.append(f"peak {peak_memory() / 2**30:.2f} GiB")
+        return "  ".join(parts)
 
     def step(self, state) -> None:
+        if self.started is None:
+            import time
+
+            self.started, self.first_step = time.perf_counter(), state.global_step - 1
+        if not self.live:
+            return
         if self.task is None:
             self.progress.start()
-            self.task = self.progress.add_task("train", total=state.max_steps, loss="-", tps="-")
+            self.task = self.progress.add_task("train", total=state.max_steps, info="")
         self.progress.update(self.task, completed=state.global_step)
 
     def log(self, row: dict, state) -> None:
         if "eval_loss" in row:
-            self.progress.console.print(f"step {row['step']}: eval loss {row['eval_loss']:.4f}")
-        elif "loss" in row and self.task is not None:
-            self.progress.update(self.task, loss=f"{row['loss']:.4f}", tps=f"{row.get('tokens_per_second', 0):.0f}")
+            self.eval_loss = float(row["eval_loss"])
+            line = f"step {row['step']}/{state.max_steps}: eval loss {self.eval_loss:.4f}"
+            (self.progress.console if self.live else console).print(line, highlight=False)
+            return
+        if "loss" not in row:
+            return
+        info = self.fields(row, state)
+        if self.live:
+            if self.task is not None:
+                self.progress.update(self.task, info=info)
+        else:
+            print(f"step {row['step']}/{state.max_steps}  {info}", flush=True)
 
     def close(self) -> None:
         if self.task is not None:
             self.progress.stop()
             self.task = None
+
+
+def peak_memory() -> int:
+    """Peak memory of the run so far: the GPU allocator's, else this process's peak resident size."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    from lorakit.training.probe import peak_rss
+
+    return peak_rss()
 
 
 @app.command()

@@ -203,9 +203,32 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
             recipe.data.eval_split = str(resolve_path(recipe.data.eval_split, path.parent))
         except (ValueError, RuntimeError, OSError) as e:
             problems.append(("data.eval_split", f"not a usable path: {e}"))
+    problems += tracker_problems(recipe)
     if problems:
         raise RecipeError(str(path), problems)
     return recipe
+
+
+# The package each tracker needs (an import name it provides), and lorakit's pip extra for it.
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow"),
+    "trackio": ("trackio", "trackio"), "comet_ml": ("comet_ml", "comet"), "neptune": ("neptune", "neptune"),
+    "clearml": ("clearml", "clearml"), "dvclive": ("dvclive", "dvclive"), "swanlab": ("swanlab", "swanlab"),
+    "codecarbon": ("codecarbon", "codecarbon"), "dagshub": ("dagshub", "dagshub"),
+    "azure_ml": ("azureml", "azure-ml"), "flyte": ("flytekit", "flyte"), "kubeflow": ("kubeflow", "kubeflow"),
+}  # fmt: skip
+
+
+def tracker_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """train.report_to entries whose package is not installed: found before anything loads."""
+    import importlib.util
+
+    out = []
+    for i, name in enumerate(recipe.train.report_to):
+        module, extra = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            out.append((f"train.report_to.{i}", f"{name} is not installed; pip install 'lorakit[{extra}]'"))
+    return out
 
 
 def resolve_path(p: str, base: Path) -> Path:

@@ -176,6 +176,13 @@ class DataSection(Section):
         return v
 
 
+# transformers' reporting integrations (`report_to`), by name
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "neptune", "clearml", "dvclive", "swanlab",
+    "codecarbon", "dagshub", "azure_ml", "flyte", "kubeflow",
+]  # fmt: skip
+
+
 class TrainSection(Section):
     epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data (at most 1000).")
     max_steps: int | None = Field(
@@ -220,6 +227,16 @@ class TrainSection(Section):
         None, gt=0, le=10_000_000, description="Write a resumable checkpoint under runs/<name>/ every N steps."
     )
     keep_checkpoints: int = Field(2, gt=0, le=1000, description="How many checkpoints to keep.")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers (transformers' integrations), e.g. [tensorboard]: event files in "
+        "runs/<name>/tensorboard. Each needs its package (`pip install 'lorakit[tensorboard]'`).",
+    )
+    report_online: bool = Field(
+        False,
+        description="Let trackers that can send data (wandb, comet_ml, neptune, clearml, swanlab) send it; off: "
+        "they run offline and keep everything under runs/<name>/.",
+    )
 
     @field_validator("learning_rate", mode="before")
     @classmethod

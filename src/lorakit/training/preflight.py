@@ -17,6 +17,12 @@ from lorakit.store import adapters
 
 def preflight(recipe: Recipe, overwrite: bool):
     """Everything that can fail on the user's input, checked before model weights are read."""
+    from lorakit.recipe import RecipeError
+    from lorakit.recipe.load import tracker_problems
+
+    missing = tracker_problems(recipe)
+    if missing:
+        raise RecipeError("recipe", missing)
     store = Path(recipe.output.store)
     if adapters.exists(store, recipe.adapter_name) and not overwrite:
         raise LorakitError(

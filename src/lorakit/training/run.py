@@ -173,6 +173,7 @@ def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, forc
         }
     )
     before = EvalBefore(run_dir, info)
+    tracker_environment(recipe, run_dir)
     trainer = sft_trainer_class()(
         model=model,
         args=build_sft_config(recipe, run_dir, plan, eval_ds is not None, eval_first=not resume_from),
@@ -235,6 +236,24 @@ def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, forc
         for ckpt in checkpoints.checkpoints(run_dir, complete_only=False):
             shutil.rmtree(ckpt, ignore_errors=True)
     return TrainResult(recipe.adapter_name, path, metrics, meta)
+
+
+# Trackers that can send data, and how each is told to stay offline (nothing leaves the machine unless the recipe
+# sets train.report_online).
+OFFLINE = {"WANDB_MODE": "offline", "COMET_MODE": "OFFLINE", "NEPTUNE_MODE": "offline", "CLEARML_OFFLINE_MODE": "1",
+           "SWANLAB_MODE": "offline"}  # fmt: skip
+
+
+def tracker_environment(recipe: Recipe, run_dir: Path) -> None:
+    """Where the trackers write (under runs/<name>/) and, unless the recipe lets them, that they stay offline."""
+    if not recipe.train.report_to:
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))
+    if not recipe.train.report_online:
+        os.environ.update(OFFLINE)
 
 
 def disk_full(e: Exception, where: Path) -> bool:

@@ -118,7 +118,7 @@ def build_sft_config(recipe: Recipe, out_dir: Path, plan: Plan, has_eval: bool, 
         save_strategy="steps" if t.save_every else "no",
         save_steps=t.save_every or 500,
         save_total_limit=None,  # lorakit prunes, never deleting the newest complete checkpoint
-        report_to="none",
+        report_to=list(t.report_to) or "none",
         disable_tqdm=True,
         max_length=recipe.data.block_size,
         packing=plan.packing == "padding-free",
