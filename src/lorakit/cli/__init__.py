@@ -198,4 +198,4 @@ def main() -> None:
 
 
 # The verbs register themselves on `app` when imported.
-from lorakit.cli import training, plan, using, store, deploy, serve  # noqa: E402, F401, I001  (this order in --help)
+from lorakit.cli import training, plan, using, store, deploy, serve, runs  # noqa: E402, F401, I001  (this order in --help)

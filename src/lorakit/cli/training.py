@@ -150,7 +150,10 @@ def train(
 
     display = TrainDisplay()
     try:
-        result = train_mod.train(r, overwrite=overwrite, resume=resume, force=force, show=display, say=say)
+        again = ["lorakit", "train", str(recipe.resolve()), *(f"--set={o}" for o in set_ or [])]
+        result = train_mod.train(
+            r, overwrite=overwrite, resume=resume, force=force, show=display, say=say, command=again
+        )
     except Interrupted as e:
         display.close()
         err.print(f"[yellow]{escape(str(e))}[/]")
@@ -164,11 +167,20 @@ def train(
         return
     m = result.metrics
     if m["eval_loss_before"] is not None:
-        console.print(f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}")
+        import math
+
+        console.print(
+            f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} (perplexity "
+            f"{math.exp(m['eval_loss_before']):.2f} -> {m['eval_perplexity_after']:.2f})"
+        )
     console.print(
         f"[green]saved adapter[/] {result.name!r} to {escape(str(result.path))} "
-        f"({m['steps']} steps, {m['train_tokens_seen']:,} tokens, {m['tokens_per_second']:.0f} tok/s)"
+        f"({m['steps']} steps, {m['train_tokens_seen']:,} tokens in {m['train_runtime_s']:.0f} s, "
+        f"{m['tokens_per_second']:.0f} tok/s)"
     )
+    curve = result.path / "loss.png"
+    if curve.is_file():
+        say(f"loss curve: {curve} (lorakit plot {result.name} to redraw or compare)")
 
 
 # --- recipe -----------------------------------------------------------------------------------

@@ -49,11 +49,18 @@ def exists(store: str | Path, name: str) -> bool:
 
 
 def save_adapter(
-    model, store: str | Path, name: str, meta: AdapterMeta, overwrite: bool = False, state_dict=None
+    model,
+    store: str | Path,
+    name: str,
+    meta: AdapterMeta,
+    overwrite: bool = False,
+    state_dict=None,
+    run_log: Path | None = None,
 ) -> Path:
     """Write `model` (a PeftModel) as adapter `name`; replace an existing one only with `overwrite`.
 
-    `state_dict`: the model's weights gathered from several processes (FSDP, DeepSpeed), if they are sharded.
+    `state_dict`: the model's weights gathered from several processes (FSDP, DeepSpeed), if they are sharded;
+    `run_log`: the run's metrics.jsonl, kept with the adapter and drawn as its loss curve in the model card.
     """
     final = adapter_dir(store, name)
     if exists(store, name) and not overwrite:
@@ -63,10 +70,28 @@ def save_adapter(
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
             portable_config(tmp, meta)
             (tmp / META_FILE).write_text(meta.to_json())
-            (tmp / "README.md").write_text(model_card(name, meta))
+            curve = _loss_curve(name, run_log, tmp)
+            (tmp / "README.md").write_text(model_card(name, meta, curve))
     except OSError as e:
         raise LorakitError(f"could not write adapter {name!r} to {final.parent}: {e.strerror or e}") from None
     return final
+
+
+def _loss_curve(name: str, run_log: Path | None, folder: Path) -> str | None:
+    """The run's log and its loss curve in the adapter's folder; the curve's file name (None without a log)."""
+    import shutil
+
+    from lorakit.training.history import metrics_rows
+    from lorakit.training.plots import CURVE_FILE, METRICS_COPY, plot_runs
+
+    if run_log is None or not Path(run_log).is_file():
+        return None
+    shutil.copyfile(run_log, folder / METRICS_COPY)
+    rows = metrics_rows(folder)
+    if not any("loss" in r for r in rows):
+        return None
+    plot_runs({name: rows}, folder / CURVE_FILE)
+    return CURVE_FILE
 
 
 def portable_config(folder: Path, meta: AdapterMeta) -> None:

@@ -46,7 +46,15 @@ def front_matter(meta: AdapterMeta) -> str:
     return "---\n" + yaml.safe_dump(head, sort_keys=False) + "---\n"
 
 
-def model_card(name: str, meta: AdapterMeta) -> str:
+def versions(meta: AdapterMeta) -> str:
+    v = meta.versions
+    pairs = [("lorakit", v.lorakit), ("torch", v.torch), ("transformers", v.transformers), ("peft", v.peft),
+             ("trl", v.trl)]  # fmt: skip
+    return ", ".join(f"{k} {x}" for k, x in pairs if x)
+
+
+def model_card(name: str, meta: AdapterMeta, curve: str | None = None) -> str:
+    """The adapter's README.md; `curve`: the loss-curve picture in its folder, embedded when given."""
     lora, base, metrics = meta.recipe.lora, meta.base_model, meta.metrics
     hub = hub_base(meta)
     called = hub or shown(base.reference)
@@ -76,7 +84,13 @@ def model_card(name: str, meta: AdapterMeta) -> str:
         f"| steps / tokens | {metrics.steps} / {metrics.train_tokens_seen} |",
         f"| eval loss before → after | {_fmt(metrics.eval_loss_before)} → {_fmt(metrics.eval_loss_after)} |",
         f"| seed | {meta.seed} |",
+        f"| versions | {versions(meta)} |",
         "",
+        *(
+            [f"![Loss curve: train loss (raw and smoothed), eval loss and learning rate over steps]({curve})", ""]
+            if curve
+            else []
+        ),
         "## Data",
         "",
         "| source | format | weight | share of training tokens |",

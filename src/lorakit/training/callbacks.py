@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lorakit.training.checkpoints import complete, drop_unfinished, prune, write_run
+from lorakit.training.checkpoints import complete, drop_unfinished, prune, read_run, write_run
 
 
 class NullDisplay:
@@ -103,7 +103,8 @@ class EvalBefore(TrainerCallback):
             self.loss = metrics.get("eval_loss")
             self.seconds = metrics.get("eval_runtime", 0.0)
             if state.is_world_process_zero:
-                write_run(self.run_dir, {**self.info, "eval_loss_before": self.loss})
+                # merged into what run.json holds now (the run's status is kept there too)
+                write_run(self.run_dir, {**read_run(self.run_dir), **self.info, "eval_loss_before": self.loss})
 
 
 def any_process(flag: bool, device) -> bool:

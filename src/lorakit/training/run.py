@@ -109,7 +109,14 @@ def check_launch(recipe: Recipe) -> None:
 
 
 def train(
-    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False, show=None, say=print
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    show=None,
+    say=print,
+    command: list[str] | None = None,
 ) -> TrainResult:
     """Run one recipe end to end and write its adapter to the store.
 
@@ -130,7 +137,7 @@ def train(
         held_lock(run_dir / checkpoints.LOCK_FILE, what) if main else nullcontext(),
         held_lock(store_lock(recipe), what) if main else nullcontext(),  # the same name from another runs_dir
     ):
-        return _train(recipe, checked, machine, overwrite, resume, force, show, say)
+        return _train(recipe, checked, machine, overwrite, resume, force, show, say, command)
 
 
 def store_lock(recipe: Recipe) -> Path:
@@ -139,7 +146,9 @@ def store_lock(recipe: Recipe) -> Path:
     return cache_dir() / "locks" / f"{recipe.adapter_name}-{hashlib.sha256(where.encode()).hexdigest()[:12]}.lock"
 
 
-def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, force: bool, show, say) -> TrainResult:
+def _train(
+    recipe: Recipe, checked, machine, overwrite: bool, resume: bool, force: bool, show, say, command=None
+) -> TrainResult:
     ref, config, targets, fan_in_fan_out, tokenizer, data = checked
     key = checkpoints.resume_key(recipe, weights_fingerprint(ref), data.content)
     run_dir, resume_from, run_info = prepare_run_dir(recipe, key, overwrite, resume, force)
@@ -198,10 +207,12 @@ def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, forc
     elif is_main_process():
         checkpoints.write_run(run_dir, info)  # the evaluation before the first step adds its loss (EvalBefore)
     started = time.perf_counter()
+    status = RunStatus(run_dir, command, plan.steps, is_main_process())
     try:
         out = trainer.train(resume_from_checkpoint=resume_from)
-    except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
-        if not disk_full(e, run_dir):
+    except BaseException as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+        status.failed(e)
+        if not isinstance(e, Exception) or not disk_full(e, run_dir):
             raise
         done = checkpoints.checkpoints(run_dir)
         kept = (
@@ -213,6 +224,7 @@ def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, forc
         raise LorakitError(f"the disk filled while training (writing {where}); {kept}") from None
     if stop.stopping:
         done = checkpoints.checkpoints(run_dir)
+        status.update("interrupted", reason="stopped by a signal (Ctrl-C or SIGTERM)")
         raise checkpoints.Interrupted(trainer.state.global_step, done[-1] if done else None)
     elapsed = time.perf_counter() - started - before.seconds
     eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
@@ -235,7 +247,36 @@ def _train(recipe: Recipe, checked, machine, overwrite: bool, resume: bool, forc
     if trainer.is_world_process_zero():
         for ckpt in checkpoints.checkpoints(run_dir, complete_only=False):
             shutil.rmtree(ckpt, ignore_errors=True)
+    status.update("completed", adapter=str(path), metrics=metrics)
     return TrainResult(recipe.adapter_name, path, metrics, meta)
+
+
+class RunStatus:
+    """The run's state in runs/<name>/run.json for `lorakit runs`: running (its process holds the lock), completed,
+    interrupted or failed (and why); the command that started it, for the resume command."""
+
+    def __init__(self, run_dir: Path, command: list[str] | None, steps: int | None, main: bool):
+        self.run_dir, self.main = run_dir, main
+        self.update("running", command=command, total_steps=steps, reason=None, pid=os.getpid(),
+                    started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
+
+    def update(self, status: str, **fields) -> None:
+        if not self.main:
+            return
+        try:
+            info = checkpoints.read_run(self.run_dir)
+            info.update(fields, status=status)
+            if status != "running":
+                info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            checkpoints.write_run(self.run_dir, info)
+        except OSError:  # the record is a convenience: a full disk must not hide the real error
+            pass
+
+    def failed(self, e: BaseException) -> None:
+        if isinstance(e, KeyboardInterrupt):
+            self.update("interrupted", reason="aborted (a second Ctrl-C)")
+        else:
+            self.update("failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
 
 
 # Trackers that can send data, and how each is told to stay offline (nothing leaves the machine unless the recipe
@@ -283,6 +324,9 @@ def plan_save(trainer, recipe: Recipe, meta: AdapterMeta, overwrite: bool) -> Pa
     path = adapters.adapter_dir(store, recipe.adapter_name)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        path = adapters.save_adapter(model, store, recipe.adapter_name, meta, overwrite, state_dict=state_dict)
+        run_log = Path(recipe.output.runs_dir) / recipe.adapter_name / checkpoints.METRICS_FILE
+        path = adapters.save_adapter(
+            model, store, recipe.adapter_name, meta, overwrite, state_dict=state_dict, run_log=run_log
+        )
     trainer.accelerator.wait_for_everyone()
     return path
