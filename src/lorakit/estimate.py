@@ -206,8 +206,12 @@ def decoder_layers(model, config) -> list:
     return list(lists[0])
 
 
-def trace(model, config, shape: Shape, packed: bool) -> Trace:
-    """Run one forward pass on the meta device and count what autograd keeps for backward, by layer."""
+def trace(model, config, shape: Shape, packed: bool, autocast16: bool = False) -> Trace:
+    """Run one forward pass on the meta device and count what autograd keeps for backward, by layer.
+
+    `autocast16`: the run trains in bf16/fp16 mixed precision. peft keeps LoRA weights in fp32 and casts each
+    LoRA layer's input to fp32; under autocast the matmul then keeps a 16-bit copy of it, not the fp32 one the meta
+    device (which has no autocast) shows: those are counted at 2 bytes an element."""
     import torch
 
     params = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -220,12 +224,20 @@ def trace(model, config, shape: Shape, packed: bool) -> Trace:
     where = [-1]
     outside = [0]
 
+    lora_inputs: set[int] = set()
+
+    def lora_input(module, args):
+        if args and torch.is_tensor(args[0]):
+            lora_inputs.add(args[0].untyped_storage()._cdata)
+
     def pack(t):
         key = t.untyped_storage()._cdata
         if key not in params and key not in seen:
             seen.add(key)
             alive.append(t)
             n = t.untyped_storage().nbytes()
+            if autocast16 and t.dtype == torch.float32 and key in lora_inputs:
+                n //= 2
             if where[0] >= 0:
                 per_layer[where[0]] += n
             else:
@@ -246,6 +258,11 @@ def trace(model, config, shape: Shape, packed: bool) -> Trace:
 
     handles = [layer.register_forward_pre_hook(enter(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(leave) for layer in layers]
+    handles += [
+        m.register_forward_pre_hook(lora_input)
+        for name, m in model.named_modules()
+        if ".lora_A." in f"{name}." and isinstance(m, torch.nn.Linear)
+    ]
     rows, length = (1, shape.tokens) if packed else (shape.rows, shape.length)
     ids = torch.zeros((rows, length), dtype=torch.long, device="meta")
     kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
@@ -509,7 +526,8 @@ def estimate(recipe, plan, config) -> tuple[Estimate, Sizes, Trace | None]:
     note = ""
     shape = Shape(settings.rows, settings.length)
     try:
-        t = trace(models[-1], configs[-1], shape, packed)
+        autocast16 = BYTES[settings.compute_dtype] == 2
+        t = trace(models[-1], configs[-1], shape, packed, autocast16)
         if len(models) == 2:  # the second layer stands for every layer after the first
             t = Trace(shape, [t.per_layer[0]] + [t.per_layer[1]] * (n - 1),
                       [t.layer_inputs[0]] + [t.layer_inputs[1]] * (n - 1), t.outside,

@@ -94,7 +94,9 @@ def test_train_writes_the_adapter_and_reports(trained, tiny_llama):
     assert res.returncode == 0, out(res)
     assert "Traceback" not in out(res)
     assert "target modules: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in res.stdout
-    assert re.search(r"^eval loss \d+\.\d{4} -> \d+\.\d{4} \(perplexity [\d.]+ -> [\d.]+\)$", res.stdout, re.M), res.stdout
+    assert re.search(r"^eval loss \d+\.\d{4} -> \d+\.\d{4} \(perplexity [\d.]+ -> [\d.]+\)$", res.stdout, re.M), (
+        res.stdout
+    )
     assert_says(res, f"saved adapter 'tiny' to {work / 'adapters' / 'tiny'} (8 steps")
     config = json.loads((work / "adapters" / "tiny" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_llama)

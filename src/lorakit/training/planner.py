@@ -194,7 +194,8 @@ def data_report(recipe: Recipe, ref) -> tuple[dict[str, Any], int, str]:
         tokenizer = load_tokenizer(ref, recipe.base_model.trust_remote_code)
     except LorakitError:
         raise LorakitError(
-            f"{ref.label} has no tokenizer (a folder with only config.json?): the estimate assumes full blocks"
+            f"{recipe.base_model.name} has no tokenizer (a folder with only config.json?): the estimate assumes "
+            "full blocks"
         ) from None
     prepared = prepare(recipe.data, tokenizer, recipe.train.seed)
     rows = packed_rows(prepared, recipe)
