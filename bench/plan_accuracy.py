@@ -244,6 +244,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lorakit-plan-accuracy")
     p.add_argument("--out", type=Path, default=common.BENCH / "results")
     p.add_argument("--gpu", action="store_true", help="measure torch.cuda.max_memory_allocated on this GPU")
+    p.add_argument("--merge", action="store_true", help="replace these rows in the results already in --out")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -264,7 +265,15 @@ def main() -> None:
         rows.append(row)
         print(f"  estimate {row['estimate'] / 2**20:.0f} MiB, measured {row['measured'] / 2**20:.0f} MiB, "
               f"error {100 * row['error']:+.1f}%", flush=True)  # fmt: skip
-    published = published_rows(args.work) if not args.only or args.only == "published" else []
+    published = published_rows(args.work) if not args.only or "published" in args.only.split(",") else []
+    if args.merge:  # earlier rows of other configurations, in the order of CONFIGS
+        old = args.out / f"plan_accuracy{'_gpu' if args.gpu else ''}.json"
+        if old.is_file():
+            before = json.loads(old.read_text())
+            fresh = {r["name"]: r for r in rows}
+            kept = {r["name"]: r for r in before["rows"]}
+            rows = [fresh.get(c[0]) or kept.get(c[0]) for c in CONFIGS if c[0] in fresh or c[0] in kept]
+            published = published or before.get("published", [])
     write(rows, published, args.out, args.gpu)
 
 

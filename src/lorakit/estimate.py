@@ -290,8 +290,9 @@ def trace(model, config, shape: Shape, packed: bool, autocast16: bool = False) -
 # --- the parts --------------------------------------------------------------------------------
 
 
-def weight_bytes(model, settings: Settings) -> int:
-    """The frozen base weights as stored: quantized linear layers of the blocks, the rest in the weights' dtype."""
+def weight_bytes(model, settings: Settings, only_quantized: bool = False) -> int:
+    """The frozen base weights as stored: quantized linear layers of the blocks, the rest in the weights' dtype
+    (`only_quantized`: the quantized ones alone)."""
     import torch
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -310,7 +311,7 @@ def weight_bytes(model, settings: Settings) -> int:
                 and id(p) not in head_ids
             )
             if not quantized:
-                total += p.numel() * plain
+                total += 0 if only_quantized else p.numel() * plain
             elif settings.quantization == "4bit":
                 blocks = math.ceil(p.numel() / NF4_BLOCK)
                 absmax = blocks * (1 + 4 / DOUBLE_QUANT_BLOCK) if settings.double_quant else blocks * 4
@@ -338,10 +339,10 @@ class Sizes:
     models: list
     layers: int
 
-    def weights(self, settings: Settings) -> int:
+    def weights(self, settings: Settings, only_quantized: bool = False) -> int:
         if len(self.models) == 1:
-            return weight_bytes(self.models[0], settings)
-        one, two = (weight_bytes(m, settings) for m in self.models)
+            return weight_bytes(self.models[0], settings, only_quantized)
+        one, two = (weight_bytes(m, settings, only_quantized) for m in self.models)
         return one + (self.layers - 1) * (two - one)
 
     @property
@@ -352,17 +353,17 @@ class Sizes:
 def loading_bytes(sizes: Sizes, settings: Settings, weights: int) -> int:
     """The peak while the base loads. Unquantized: its weights. Quantized on a GPU: the quantized weights and one
     weight in full precision on its way to be quantized. Quantized on the CPU, transformers holds every weight in
-    full precision until all are quantized, and one embedding-sized copy more (measured: SmolLM2-135M loads in 4-bit
-    at a peak of 573 MiB and 8-bit at 622 MiB, its fp32 weights being 513 MiB; a run's peak came at 674 and 723)."""
+    full precision next to the quantized ones, and a run held one embedding-sized copy more at that point (measured
+    on SmolLM2-135M, fp32 weights 513 MiB: loading alone peaked at 573 MiB in 4-bit and 622 MiB in 8-bit, a whole
+    run at 674 and 723)."""
     if settings.quantization == "none":
         return weights
     plain = BYTES[settings.compute_dtype]
     largest = sizes.largest * plain
     if settings.cuda:
         return weights + largest
-    return (
-        sizes.weights(settings.replace(quantization="none", weights_dtype=settings.compute_dtype)) + weights + largest
-    )
+    full = sizes.weights(settings.replace(quantization="none", weights_dtype=settings.compute_dtype))
+    return full + sizes.weights(settings, only_quantized=True) + largest
 
 
 def memory(trace_: Trace, sizes: Sizes, config, settings: Settings, trainable: int) -> Memory:
