@@ -191,8 +191,8 @@ class TrainSection(Section):
     learning_rate: float | Literal["auto"] = Field(
         "auto",
         description="Peak learning rate. `auto`: from the model's width, 1e-3 x (2048 / hidden_size) ** 0.78 "
-        "within [1e-4, 3e-3] (2.7e-3 for SmolLM2-135M, 5.8e-4 for an 8B Llama); the value used is in the run log "
-        "and the adapter's metadata.",
+        "within [1e-4, 3e-3] (2.7e-3 for SmolLM2-135M, 5.8e-4 for an 8B Llama), x1.5 for runs of 100 steps or "
+        "fewer (none from 1,000); the value used is in the run log and the adapter's metadata.",
     )
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
