@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= \# Keeper's Log — Gull Rock Light, Week 2
 
-.PHONY: venv demo test test-fast lint format docs bench bench-quality bench-gguf clean
+.PHONY: venv demo test test-fast lint format docs bench bench-quality bench-gguf bench-plan bench-plan-gpu clean
 
 # torch first: the pinned build (CPU here, CUDA on a GPU machine), so the range in pyproject.toml
 # installs nothing else.
@@ -59,3 +59,9 @@ bench-gguf: venv  # needs llama-cpp-python, built from source once: see bench/gg
 bench-quality: venv
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/quality.py
+
+bench-plan: venv  # lorakit plan's estimate against the allocator's measured peak, on this CPU
+	$(BIN)/python bench/plan_accuracy.py
+
+bench-plan-gpu: venv  # the same configurations on a CUDA machine (torch.cuda.max_memory_allocated)
+	$(BIN)/python bench/plan_accuracy.py --gpu
