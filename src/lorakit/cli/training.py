@@ -34,7 +34,7 @@ class TrainDisplay:
     nohup, a pipe), with the same fields: step of total, epoch, loss raw and smoothed, eval loss, learning rate,
     tokens/s, ETA and peak memory."""
 
-    SMOOTHING = 0.9  # of the loss's exponential moving average
+    SMOOTHING = 0.6  # of the loss's exponential moving average (TensorBoard's default weight)
 
     def __init__(self, live: bool | None = None):
         self.live = console.is_terminal if live is None else live

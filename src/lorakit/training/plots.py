@@ -13,7 +13,7 @@ CURVE_FILE = "loss.png"  # in an adapter's folder, linked from its model card
 METRICS_COPY = "metrics.jsonl"  # the run's log, kept with the adapter
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
     out, last = [], None
     for v in values:
         last = v if last is None else weight * last + (1 - weight) * v
