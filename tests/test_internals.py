@@ -205,3 +205,25 @@ def test_a_deprecation_from_lorakits_own_code_fails_the_suite(category):
         exec(compile(code, "lorakit/somewhere.py", "exec"), {"__name__": "lorakit.training.somewhere"})
     with pytest.warns(category):  # another package's stays a warning
         exec(compile(code, "other/somewhere.py", "exec"), {"__name__": "lorakitten.somewhere"})
+
+
+def test_storage_key_tells_meta_storages_apart_and_joins_views():
+    from lorakit.internals import storage_key
+
+    a, b = torch.empty(4, 4, device="meta"), torch.empty(4, 4, device="meta")
+    assert a.data_ptr() == b.data_ptr() == 0  # why the public identity does not do
+    assert storage_key(a) != storage_key(b)
+    assert storage_key(a.view(16)) == storage_key(a[1:]) == storage_key(a)
+
+
+def test_storage_key_guard_fires_when_torch_drops_the_handle():
+    from types import SimpleNamespace
+
+    from lorakit.internals import storage_key
+
+    class Changed:  # a tensor whose storage no longer has the handle
+        def untyped_storage(self):
+            return SimpleNamespace()
+
+    with pytest.raises(LorakitError, match="torch.*_cdata"):
+        storage_key(Changed())

@@ -165,8 +165,7 @@ def register_meter() -> None:
         eager = getattr(module.config, "_lorakit_eager", False)
         return _Kept.apply(query, key, value, eager), None
 
-    if METER not in AttentionInterface._global_mapping:
-        AttentionInterface.register(METER, meter)
+    AttentionInterface.register(METER, meter)  # public; registering again replaces the same function
 
 
 def meta_model(config, settings: Settings, lora_config, trust_remote_code: bool = False):
@@ -214,8 +213,9 @@ def trace(model, config, shape: Shape, packed: bool, autocast16: bool = False) -
     device (which has no autocast) shows: those are counted at 2 bytes an element."""
     import torch
 
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    params |= {b.untyped_storage()._cdata for b in model.buffers()}
+    from lorakit.internals import storage_key
+
+    params = {storage_key(p) for p in model.parameters()} | {storage_key(b) for b in model.buffers()}
     layers = decoder_layers(model, config)
     per_layer = [0] * len(layers)
     inputs = [0] * len(layers)
@@ -228,10 +228,10 @@ def trace(model, config, shape: Shape, packed: bool, autocast16: bool = False) -
 
     def lora_input(module, args):
         if args and torch.is_tensor(args[0]):
-            lora_inputs.add(args[0].untyped_storage()._cdata)
+            lora_inputs.add(storage_key(args[0]))
 
     def pack(t):
-        key = t.untyped_storage()._cdata
+        key = storage_key(t)
         if key not in params and key not in seen:
             seen.add(key)
             alive.append(t)

@@ -223,3 +223,18 @@ def run_exit_handlers() -> None:
 
     guard(callable(getattr(atexit, "_run_exitfuncs", None)), "python", "atexit._run_exitfuncs")
     atexit._run_exitfuncs()
+
+
+# --- torch: tensor storage identity on the meta device -------------------------------------------------------------
+
+
+def storage_key(t) -> int:
+    """An identity for the storage behind tensor `t`, shared by its views, on any device.
+
+    `lorakit plan` counts each tensor autograd saves once, however many views of it are saved. `data_ptr()` is the
+    public identity, but every meta tensor's is 0; the storage's C++ handle (`_cdata`) is the one identity meta
+    storages have. Stable while the storage lives (plan keeps saved tensors alive while it counts)."""
+    st = t.untyped_storage()
+    key = getattr(st, "_cdata", None)
+    guard(isinstance(key, int), "torch", "UntypedStorage._cdata (a storage's handle, used to count meta tensors)")
+    return key

@@ -93,6 +93,19 @@ def user_errors(fn):
     return wrapper
 
 
+def confirmer(kind: str, name: str, yes: bool):
+    """The question `rm` asks before deleting (`--yes` skips it; with no terminal to ask, nothing is deleted)."""
+
+    def confirm(path) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise LorakitError(f"not removing {kind} {name!r}: no terminal to ask for confirmation; pass --yes")
+        return typer.confirm(f"Remove {kind} {name!r} ({path})?", default=False)
+
+    return confirm
+
+
 def num(x) -> str:
     if isinstance(x, float):
         return f"{x:.4f}"

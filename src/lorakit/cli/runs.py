@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from lorakit.cli import app, console, new_table, say, user_errors
-from lorakit.errors import LorakitError
+from lorakit.cli import app, confirmer, console, new_table, say, user_errors
 
 runs_app = typer.Typer(no_args_is_help=True, help="Past and running training runs (the runs folder).")
 app.add_typer(runs_app, name="runs")
@@ -87,13 +85,7 @@ def runs_rm(
     """Delete a failed or abandoned run's folder (asks first; never a running run; its adapter stays)."""
     from lorakit.training.history import remove_run
 
-    def confirm(path: Path) -> bool:
-        if yes:
-            return True
-        if not sys.stdin.isatty():
-            raise LorakitError(f"not removing run {name!r}: no terminal to ask for confirmation; pass --yes")
-        return typer.confirm(f"Remove run {name!r} ({path})?", default=False)
-
+    confirm = confirmer("run", name, yes)
     if remove_run(runs_dir, name, confirm) is None:
         say("nothing removed")
         raise typer.Exit(1)

@@ -15,6 +15,7 @@ from lorakit.cli import (
     StoreOpt,
     adapters_app,
     cache_app,
+    confirmer,
     console,
     new_table,
     num,
@@ -193,13 +194,7 @@ def adapters_rm(
     """Delete an adapter from the store (asks first unless --yes)."""
     from lorakit.store.adapters import remove_adapter
 
-    def confirm(path: Path) -> bool:
-        if yes:
-            return True
-        if not sys.stdin.isatty():
-            raise LorakitError(f"not removing adapter {name!r}: no terminal to ask for confirmation; pass --yes")
-        return typer.confirm(f"Remove adapter {name!r} ({path})?", default=False)
-
+    confirm = confirmer("adapter", name, yes)
     if remove_adapter(store, name, confirm) is None:
         say("nothing removed")
         raise typer.Exit(1)
